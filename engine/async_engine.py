@@ -1,0 +1,138 @@
+"""The engine loop in its own thread, and async streams of its outputs for the server.
+
+The event loop never runs model code: ``generate`` validates the request (cheap, read-only), hands it to the
+loop thread through a thread-safe inbox, and awaits outputs that the loop thread posts back with
+``call_soon_threadsafe``. Aborts travel through the same inbox, so only the loop thread mutates the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from engine.engine import EngineStats, LLMEngine, RequestOutput
+from engine.errors import EngineDeadError, QueueFullError
+from engine.sequence import Request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue[RequestOutput | BaseException]
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.inbox: queue.SimpleQueue[tuple[str, Request | str]] = queue.SimpleQueue()
+        self.streams: dict[str, _Stream] = {}
+        self.lock = threading.Lock()  # guards streams, shared by the event loop and the loop thread
+        self.wakeup = threading.Event()
+        self.stopping = False
+        self.error: BaseException | None = None  # set if the loop thread died
+        self.thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self.thread.is_alive() and self.error is None
+
+    @property
+    def num_in_flight(self) -> int:
+        with self.lock:
+            return len(self.streams)
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine's counters; read without locking, values may be one step old."""
+        return self.engine.update_stats()
+
+    async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Submit ``request`` and yield its outputs as they are produced; leaving early aborts it."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine loop has stopped; this worker cannot serve requests")
+        self.engine.validate(request)
+        limit = self.engine.config.limits.max_waiting
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self.lock:
+            waiting = len(self.streams) - self.engine.stats.num_running
+            if waiting >= limit:
+                raise QueueFullError(f"the waiting queue is full ({limit} requests); retry shortly")
+            self.streams[request.request_id] = stream
+        self._send("add", request)
+        finished = False
+        try:
+            while True:
+                out = await stream.outputs.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._send("abort", request_id)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self.stopping = True
+        self.wakeup.set()
+        self.thread.join(timeout)
+
+    def _send(self, kind: str, item: Request | str) -> None:
+        self.inbox.put((kind, item))
+        self.wakeup.set()
+
+    def _deliver(self, out: RequestOutput | BaseException, request_id: str) -> None:
+        with self.lock:
+            stream = self.streams.get(request_id)
+            if stream is not None and (isinstance(out, BaseException) or out.finished):
+                del self.streams[request_id]
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, out)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                try:
+                    self.engine.add_request(item)
+                except Exception as e:  # validated already; anything left is reported to that caller only
+                    self._deliver(e, item.request_id)
+            else:
+                out = self.engine.abort(item)
+                with self.lock:
+                    self.streams.pop(item, None)
+                if out is not None:
+                    log.debug("aborted %s after %d tokens", item, out.num_output_tokens)
+
+    def _run(self) -> None:
+        try:
+            while not self.stopping:
+                self._drain_inbox()
+                if not self.engine.has_unfinished():
+                    self.wakeup.wait(timeout=0.5)
+                    self.wakeup.clear()
+                    continue
+                for out in self.engine.step():
+                    self._deliver(out, out.request_id)
+        except BaseException as e:  # the loop must never die silently: health checks read self.error
+            log.exception("engine loop died")
+            self.error = e
+            with self.lock:
+                pending = list(self.streams)
+            for request_id in pending:
+                self._deliver(EngineDeadError(f"the engine loop died: {e}"), request_id)

@@ -1,0 +1,99 @@
+"""Paged attention for a flattened batch, plugged into transformers' attention interface.
+
+One forward pass carries decode tokens (one query each) and prefill chunks of different sequences, flattened
+into a single row of T tokens: decodes first, then the chunks. Each layer writes this step's K/V into the
+paged cache, then every sequence attends over its own context read back through its block table.
+
+Backend: torch's ``scaled_dot_product_attention``. Decodes go in one call over their block tables padded to
+the longest context, with a length mask; each prefill chunk goes in its own call with a causal mask offset by
+the tokens already cached. On CUDA the same calls dispatch to fused kernels; a varlen paged kernel
+(FlashInfer or flash-attn) is the upgrade path behind the same signature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from engine.kv_cache import KVCache
+
+ATTN_IMPLEMENTATION = "loraplex_paged"
+
+
+@dataclass
+class PrefillChunk:
+    query_start: int  # index of the chunk's first token in the flattened batch
+    query_len: int
+    context_len: int  # cached tokens after this step, this chunk included
+    block_table: torch.Tensor  # [1, num_blocks]
+    causal_mask: torch.Tensor | None  # [query_len, context_len] bool; None when the chunk is the whole context
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs for one step; built by the runner, passed to the model as a kwarg."""
+
+    kv_cache: KVCache
+    slot_mapping: torch.Tensor  # [T] flat cache slot of each token
+    num_decode_tokens: int  # the first num_decode_tokens tokens are decodes, one per sequence
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks], padded with block 0
+    decode_mask: torch.Tensor  # [num_decodes, 1, 1, max_blocks * block_size] bool, True where the key counts
+    prefills: list[PrefillChunk]
+
+
+def paged_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,  # [1, H, T, D]
+    key: torch.Tensor,  # [1, H_kv, T, D]
+    value: torch.Tensor,  # [1, H_kv, T, D]
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    attn_metadata: AttentionMetadata | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:  # [1, T, H, D]
+    assert attn_metadata is not None, "the paged attention backend needs attn_metadata for every forward pass"
+    meta, layer = attn_metadata, module.layer_idx
+    meta.kv_cache.write(layer, key[0].transpose(0, 1), value[0].transpose(0, 1), meta.slot_mapping)
+    q = query[0]  # [H, T, D]
+    out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, D]
+    num_decodes = meta.num_decode_tokens
+    if num_decodes:
+        k, v = meta.kv_cache.gather(layer, meta.decode_block_tables)  # [B, H_kv, L, D]
+        decode_q = q[:, :num_decodes].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+        decoded = F.scaled_dot_product_attention(
+            decode_q, k, v, attn_mask=meta.decode_mask, scale=scaling, enable_gqa=True
+        )  # [B, H, 1, D]
+        out[:num_decodes] = decoded.squeeze(2)
+    for chunk in meta.prefills:
+        k, v = meta.kv_cache.gather(layer, chunk.block_table)
+        k, v = k[:, :, : chunk.context_len], v[:, :, : chunk.context_len]
+        rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
+        attended = F.scaled_dot_product_attention(
+            q[None, :, rows],
+            k,
+            v,
+            attn_mask=chunk.causal_mask,
+            is_causal=chunk.causal_mask is None,
+            scale=scaling,
+            enable_gqa=True,
+        )  # [1, H, q, D]
+        out[rows] = attended[0].transpose(0, 1)
+    return out.unsqueeze(0), None
+
+
+def _no_mask(*args: object, **kwargs: object) -> None:
+    """The per-sequence masks are built by the runner; transformers must not build a dense one."""
+    return None
+
+
+def register_paged_attention() -> str:
+    """Register the backend with transformers; returns the name to set as ``attn_implementation``."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)
+    return ATTN_IMPLEMENTATION

@@ -1,0 +1,177 @@
+"""The whole configuration as dataclasses, read from one TOML file with environment overrides.
+
+Each dataclass validates itself in ``__post_init__`` so a bad value fails at start-up with the key named,
+not deep inside a forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.toml")
+DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "nf4", "int8")
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load and how."""
+
+    path: str = ""  # HF directory or .gguf file; "" = the embedded SmolLM2-135M-Instruct
+    dtype: str = "float32"
+    device: str = "cpu"
+    quantization: str = "none"  # none | nf4 | int8 (bitsandbytes)
+    num_threads: int = 2  # torch intra-op threads on the CPU; 0 = leave torch's default
+    cache_dir: str = ""  # where a GGUF is converted to safetensors; "" = ~/.cache/loraplex
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype = {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"model.quantization = {self.quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"model.device = {self.device!r}; use 'cpu' or 'cuda[:N]'")
+        if self.num_threads < 0:
+            raise ConfigError(f"model.num_threads = {self.num_threads}; use 0 (torch default) or more")
+
+
+@dataclass
+class LimitsConfig:
+    """Capacity and admission limits of one worker."""
+
+    max_num_seqs: int = 64  # sequences running in one step, all endpoints together
+    max_num_batched_tokens: int = 512  # tokens in one forward pass (prefill chunks + decodes)
+    block_size: int = 16  # tokens per KV block
+    num_kv_blocks: int = 2048  # KV blocks in the pool (x block_size = tokens of KV cache)
+    max_model_len: int = 2048  # prompt + output tokens of one sequence
+    max_loras: int = 4  # adapters resident in the slot tensors at once
+    max_lora_rank: int = 64
+    max_waiting: int = 256  # waiting-queue bound; past it requests are refused
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"limits.{f.name} = {value!r}; use a positive integer")
+        if self.max_model_len > self.num_kv_blocks * self.block_size:
+            raise ConfigError(
+                f"limits.max_model_len = {self.max_model_len} does not fit the KV pool of "
+                f"{self.num_kv_blocks} blocks x {self.block_size} tokens; raise num_kv_blocks"
+            )
+
+
+@dataclass
+class EndpointConfig:
+    """One served model name: the base (no adapter) or one LoRA adapter, with its guaranteed slots."""
+
+    name: str
+    adapter: str = ""  # PEFT adapter directory; "" = the plain base model
+    slots: int = 1  # concurrency guaranteed to this endpoint (the old replica count)
+    aliases: list[str] = field(default_factory=list)  # more model names that reach this endpoint
+    port: int = 0  # optional listener of its own (server); 0 = only the main listener
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"endpoints.name = {self.name!r}; use a non-empty name without '/'")
+        if self.slots < 1:
+            raise ConfigError(f"endpoints[{self.name}].slots = {self.slots}; use 1 or more")
+
+
+@dataclass
+class ServerConfig:
+    """Where the HTTP server listens."""
+
+    host: str = "127.0.0.1"
+    port: int = 11434
+
+
+@dataclass
+class EngineConfig:
+    """Root of the configuration file."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    endpoints: list[EndpointConfig] = field(default_factory=list)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    def __post_init__(self) -> None:
+        names: set[str] = set()
+        for endpoint in self.endpoints:
+            for name in (endpoint.name, *endpoint.aliases):
+                if name in names:
+                    raise ConfigError(f"endpoint name or alias {name!r} is used twice")
+                names.add(name)
+        guaranteed = sum(e.slots for e in self.endpoints)
+        if guaranteed > self.limits.max_num_seqs:
+            raise ConfigError(
+                f"endpoint slots add up to {guaranteed} but limits.max_num_seqs = "
+                f"{self.limits.max_num_seqs}; raise max_num_seqs or lower the slots"
+            )
+        adapters = {e.adapter for e in self.endpoints if e.adapter}
+        if len(adapters) > self.limits.max_loras:
+            raise ConfigError(f"{len(adapters)} endpoints have adapters but limits.max_loras = {self.limits.max_loras}")
+
+    def endpoint(self, name: str) -> EndpointConfig | None:
+        """The endpoint a model name (or alias) reaches, or None."""
+        for endpoint in self.endpoints:
+            if name == endpoint.name or name in endpoint.aliases:
+                return endpoint
+        return None
+
+
+def _section(cls: type, data: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"unknown key(s) in [{where}]: {', '.join(sorted(unknown))}")
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise ConfigError(f"[{where}]: {e}") from e
+
+
+def _env_overrides(data: dict[str, Any]) -> None:
+    """LORAPLEX_<SECTION>_<KEY> overrides a scalar, e.g. LORAPLEX_MODEL_DEVICE=cuda."""
+    for section_name, cls in (("model", ModelConfig), ("limits", LimitsConfig), ("server", ServerConfig)):
+        for f in dataclasses.fields(cls):
+            value = os.environ.get(f"LORAPLEX_{section_name}_{f.name}".upper())
+            if value is not None:
+                kind = type(getattr(cls(), f.name))
+                data.setdefault(section_name, {})[f.name] = kind(value)
+
+
+def load_config(path: str | Path | None = None) -> EngineConfig:
+    """Read a TOML config (the shipped default when ``path`` is None); adapter paths resolve against its folder."""
+    path = Path(path) if path else DEFAULT_CONFIG_PATH
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from e
+    _env_overrides(data)
+    unknown = set(data) - {"model", "limits", "endpoints", "server"}
+    if unknown:
+        raise ConfigError(f"unknown section(s) in {path}: {', '.join(sorted(unknown))}")
+    endpoints = []
+    for raw in data.get("endpoints", []):
+        endpoint = _section(EndpointConfig, raw, "endpoints")
+        if endpoint.adapter and not Path(endpoint.adapter).is_absolute():
+            endpoint.adapter = str((path.parent / endpoint.adapter).resolve())
+        endpoints.append(endpoint)
+    model = _section(ModelConfig, data.get("model", {}), "model")
+    if model.path and not Path(model.path).is_absolute():
+        candidate = path.parent / model.path
+        if candidate.exists():
+            model.path = str(candidate.resolve())
+    return EngineConfig(
+        model=model,
+        limits=_section(LimitsConfig, data.get("limits", {}), "limits"),
+        endpoints=endpoints,
+        server=_section(ServerConfig, data.get("server", {}), "server"),
+    )

@@ -1,0 +1,274 @@
+"""The engine: one base model, every endpoint's adapter resident, one continuous-batching step at a time.
+
+``step()`` reads as the sentence it is: schedule, prepare tensors, forward, sample, postprocess.
+This class is single-threaded; ``async_engine.AsyncEngine`` runs it in a loop thread for the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.attention import register_paged_attention
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.detokenizer import Detokenizer
+from engine.errors import QueueFullError, RequestError, UnknownEndpointError
+from engine.kv_cache import KVCache
+from engine.loader import LoadedModel, load_model
+from engine.lora.manager import LoRAManager
+from engine.runner import ModelRunner
+from engine.sampling import Sampler
+from engine.scheduler import ScheduledChunk, Scheduler
+from engine.sequence import FinishReason, Request, Sequence, SequenceStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: its new token and text, and whether it is done."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text_delta: str
+    finished: bool
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    error: str | None = None
+    # Monotonic timestamps (seconds) for the server's durations.
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
+    prefill_done_time: float | None = None
+    finish_time: float | None = None
+
+
+@dataclass
+class EngineStats:
+    """Counters the server exports."""
+
+    num_waiting: int = 0
+    num_running: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    preemptions_total: int = 0
+    steps_total: int = 0
+    requests_finished: dict[str, int] = field(default_factory=dict)  # by finish reason
+
+
+@dataclass
+class _Tracked:
+    seq: Sequence
+    detokenizer: Detokenizer
+    generator: torch.Generator
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        limits = config.limits
+        loaded = loaded or load_model(config.model)
+        self.model, self.tokenizer, self.model_name = loaded.model, loaded.tokenizer, loaded.name
+        self.model_path = loaded.path
+        dtype = getattr(torch, config.model.dtype)
+        # LoRA layers go on before the first forward pass (bitsandbytes 4-bit repacks weights on it).
+        self.lora = LoRAManager(self.model, limits.max_loras, limits.max_lora_rank, dtype)
+        self.endpoint_slots: dict[str, int] = {}  # endpoint name -> LoRA slot (0 = base)
+        for endpoint in config.endpoints:
+            if endpoint.adapter:
+                self.lora.register(endpoint.name, endpoint.adapter)
+                self.endpoint_slots[endpoint.name] = self.lora.activate(endpoint.name)
+            else:
+                self.endpoint_slots[endpoint.name] = 0
+        self.model.set_attn_implementation(register_paged_attention())
+        text_config = self.model.config.get_text_config()
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        self.block_manager = BlockManager(limits.num_kv_blocks, limits.block_size)
+        self.kv_cache = KVCache(
+            text_config.num_hidden_layers,
+            limits.num_kv_blocks,
+            limits.block_size,
+            text_config.num_key_value_heads,
+            head_dim,
+            dtype,
+            config.model.device,
+        )
+        self.scheduler = Scheduler(limits, {e.name: e.slots for e in config.endpoints}, self.block_manager)
+        self.runner = ModelRunner(self.model, self.lora, self.kv_cache, self.block_manager)
+        self.sampler = Sampler()
+        self.eos_token_ids = self._eos_token_ids()
+        self.tracked: dict[str, _Tracked] = {}
+        self.stats = EngineStats(kv_blocks_total=limits.num_kv_blocks)
+
+    def _eos_token_ids(self) -> set[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    # ---- public API -------------------------------------------------------------------------------------
+
+    def resolve_endpoint(self, model: str) -> str:
+        """The endpoint name a model name or alias reaches; raises UnknownEndpointError listing what exists."""
+        endpoint = self.config.endpoint(model)
+        if endpoint is None:
+            served = ", ".join(e.name for e in self.config.endpoints)
+            raise UnknownEndpointError(f"model {model!r} is not served here; use one of: {served}")
+        return endpoint.name
+
+    def validate(self, request: Request) -> None:
+        """Check a request without touching engine state (safe from any thread)."""
+        self.resolve_endpoint(request.endpoint)
+        prompt_len, max_len = len(request.prompt_token_ids), self.config.limits.max_model_len
+        if prompt_len == 0:
+            raise RequestError("the prompt is empty; send at least one token of text")
+        if prompt_len >= max_len:
+            raise RequestError(
+                f"the prompt has {prompt_len} tokens but max_model_len is {max_len}; shorten it to at most "
+                f"{max_len - 1} tokens"
+            )
+        vocab = self.model.config.get_text_config().vocab_size
+        bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        if request.request_id in self.tracked:
+            raise RequestError(f"request id {request.request_id!r} is already in use")
+
+    def add_request(self, request: Request) -> None:
+        self.validate(request)
+        if len(self.scheduler.waiting) >= self.config.limits.max_waiting:
+            raise QueueFullError(
+                f"the waiting queue is full ({self.config.limits.max_waiting} requests); retry shortly"
+            )
+        endpoint = self.resolve_endpoint(request.endpoint)
+        request.endpoint = endpoint
+        seq = Sequence(request=request, lora_slot=self.endpoint_slots[endpoint])
+        generator = torch.Generator(device=self.kv_cache.key_cache[0].device)
+        seed = request.params.seed
+        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        self.tracked[request.request_id] = _Tracked(seq, Detokenizer(self.tokenizer, request.params.stop), generator)
+        self.scheduler.add(seq)
+        self.stats.prompt_tokens_total += len(request.prompt_token_ids)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its KV blocks; None if it is unknown or already finished."""
+        tracked = self.tracked.get(request_id)
+        if tracked is None:
+            return None
+        return self._finish(tracked, FinishReason.ABORT, [], "")
+
+    def has_unfinished(self) -> bool:
+        return bool(self.tracked)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration: schedule, prepare tensors, forward, sample, postprocess."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled.chunks:
+            return []
+        now = time.monotonic()
+        for chunk in scheduled.chunks:
+            chunk.seq.first_scheduled_time = chunk.seq.first_scheduled_time or now
+        try:
+            inputs = self.runner.prepare_inputs(scheduled.chunks)
+            logits, _ = self.runner.execute(inputs)
+            seqs = [c.seq for c in inputs.sampled_chunks]
+            tokens = self.sampler(logits, seqs, [self.tracked[s.seq_id].generator for s in seqs])
+        except Exception as e:  # a failed step fails its batch, never the engine
+            log.exception("step failed; failing the %d requests in it", len(scheduled.chunks))
+            return [
+                self._finish(self.tracked[c.seq.seq_id], FinishReason.ERROR, [], "", error=str(e))
+                for c in scheduled.chunks
+            ]
+        self.stats.steps_total += 1
+        self.stats.preemptions_total += len(scheduled.preempted)
+        return self._postprocess(scheduled.chunks, dict(zip((s.seq_id for s in seqs), tokens)))
+
+    def generate(self, requests: list[Request]) -> dict[str, list[RequestOutput]]:
+        """Offline: run requests to completion; returns every output of each request, by id."""
+        results: dict[str, list[RequestOutput]] = {r.request_id: [] for r in requests}
+        for request in requests:
+            self.add_request(request)
+        while self.has_unfinished():
+            for out in self.step():
+                results[out.request_id].append(out)
+        return results
+
+    def update_stats(self) -> EngineStats:
+        self.stats.num_waiting = len(self.scheduler.waiting)
+        self.stats.num_running = len(self.scheduler.running)
+        self.stats.kv_blocks_used = self.block_manager.num_used_blocks
+        return self.stats
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=False)
+
+    # ---- internals -------------------------------------------------------------------------------------
+
+    def _postprocess(self, chunks: list[ScheduledChunk], sampled: dict[str, int]) -> list[RequestOutput]:
+        outputs = []
+        now = time.monotonic()
+        for chunk in chunks:
+            seq = chunk.seq
+            seq.num_computed_tokens += chunk.num_tokens
+            if seq.seq_id not in sampled:
+                continue
+            token = sampled[seq.seq_id]
+            if not seq.output_token_ids:
+                seq.prefill_done_time = now
+            seq.output_token_ids.append(token)
+            self.stats.generation_tokens_total += 1
+            outputs.append(self._after_token(self.tracked[seq.seq_id], token))
+        return outputs
+
+    def _after_token(self, tracked: _Tracked, token: int) -> RequestOutput:
+        seq, params = tracked.seq, tracked.seq.request.params
+        reason = None
+        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            reason = FinishReason.STOP
+            text_ids = seq.output_token_ids[:-1]
+        else:
+            text_ids = seq.output_token_ids
+        if tracked.detokenizer.update(text_ids):
+            reason = FinishReason.STOP
+        if reason is None and (
+            len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.config.limits.max_model_len
+        ):
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            return self._finish(tracked, reason, [token], tracked.detokenizer.release(finished=True))
+        return self._output(seq, [token], tracked.detokenizer.release(finished=False))
+
+    def _finish(
+        self, tracked: _Tracked, reason: FinishReason, new_tokens: list[int], delta: str, error: str | None = None
+    ) -> RequestOutput:
+        seq = tracked.seq
+        self.scheduler.remove(seq)
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        seq.output_text = tracked.detokenizer.text
+        del self.tracked[seq.seq_id]
+        self.stats.requests_finished[reason.value] = self.stats.requests_finished.get(reason.value, 0) + 1
+        out = self._output(seq, new_tokens, delta)
+        out.error, out.finish_time = error, time.monotonic()
+        return out
+
+    @staticmethod
+    def _output(seq: Sequence, new_tokens: list[int], delta: str) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.seq_id,
+            new_token_ids=new_tokens,
+            text_delta=delta,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=len(seq.request.prompt_token_ids),
+            num_output_tokens=len(seq.output_token_ids),
+            arrival_time=seq.request.arrival_time,
+            first_scheduled_time=seq.first_scheduled_time,
+            prefill_done_time=seq.prefill_done_time,
+        )

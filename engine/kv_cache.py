@@ -1,0 +1,43 @@
+"""The paged K/V tensors of every layer, and writing one step's K/V into them by slot mapping."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Per layer: ``key_cache`` and ``value_cache`` of shape [num_blocks, block_size, num_kv_heads, head_dim]."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.block_size = block_size
+        self.key_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.value_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.key_cache, *self.value_cache))
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Store this step's ``key``/``value`` [T, num_kv_heads, head_dim] at flat slots ``slot_mapping`` [T]."""
+        num_kv_heads, head_dim = key.shape[1:]
+        assert key.shape == value.shape and key.shape[0] == slot_mapping.shape[0], "one slot per token"
+        self.key_cache[layer].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+        self.value_cache[layer].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+
+    def gather(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of whole blocks, [B, num_kv_heads, max_blocks * block_size, head_dim], for ``block_tables`` [B, max_blocks]."""
+        batch, num_blocks = block_tables.shape
+        key = self.key_cache[layer][block_tables]  # [B, max_blocks, block_size, H_kv, D]
+        value = self.value_cache[layer][block_tables]
+        shape = (batch, num_blocks * self.block_size, *key.shape[3:])
+        return key.view(shape).transpose(1, 2), value.view(shape).transpose(1, 2)

@@ -1,0 +1,116 @@
+"""Building one step's flattened batch tensors and running the forward pass. No policy here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from engine.attention import AttentionMetadata, PrefillChunk
+from engine.block_manager import BlockManager
+from engine.kv_cache import KVCache
+from engine.lora.layers import LoRAMapping
+from engine.lora.manager import LoRAManager
+from engine.scheduler import ScheduledChunk
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attn_metadata: AttentionMetadata
+    lora_mapping: LoRAMapping
+    logits_indices: torch.Tensor  # [num_sampled]: the last token of every chunk that samples
+    sampled_chunks: list[ScheduledChunk]  # in the order of logits_indices
+
+
+class ModelRunner:
+    def __init__(
+        self, model: PreTrainedModel, lora: LoRAManager, kv_cache: KVCache, block_manager: BlockManager
+    ) -> None:
+        self.model = model
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        self.lora = lora
+        self.kv_cache = kv_cache
+        self.block_manager = block_manager
+        self.device = next(model.parameters()).device
+
+    def prepare_inputs(self, chunks: list[ScheduledChunk]) -> StepInputs:
+        """Decodes first, then prefill chunks; one entry per token in every flat list."""
+        decodes = [c for c in chunks if c.num_tokens == 1]
+        prefills = [c for c in chunks if c.num_tokens > 1]
+        ordered = decodes + prefills
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        lora_indices: list[int] = []
+        logits_indices: list[int] = []
+        prefill_chunks: list[PrefillChunk] = []
+        for chunk in ordered:
+            seq, start = chunk.seq, chunk.seq.num_computed_tokens
+            end = start + chunk.num_tokens
+            query_start = len(input_ids)
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            slot_mapping += [self.block_manager.slot(seq.seq_id, p) for p in range(start, end)]
+            lora_indices += [seq.lora_slot] * chunk.num_tokens
+            if chunk.samples:
+                logits_indices.append(len(input_ids) - 1)
+            if chunk.num_tokens > 1:
+                prefill_chunks.append(self._prefill_chunk(seq.seq_id, query_start, start, end))
+        tensor = self._tensor
+        meta = AttentionMetadata(
+            kv_cache=self.kv_cache,
+            slot_mapping=tensor(slot_mapping),
+            num_decode_tokens=len(decodes),
+            decode_block_tables=self._block_tables([c.seq.seq_id for c in decodes]),
+            decode_mask=self._decode_mask([c.seq.num_computed_tokens + 1 for c in decodes]),
+            prefills=prefill_chunks,
+        )
+        lora_slots = frozenset(lora_indices) - {0}
+        return StepInputs(
+            input_ids=tensor(input_ids),
+            positions=tensor(positions),
+            attn_metadata=meta,
+            lora_mapping=LoRAMapping(tensor(lora_indices), lora_slots),
+            logits_indices=tensor(logits_indices),
+            sampled_chunks=[c for c in ordered if c.samples],
+        )
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _prefill_chunk(self, seq_id: str, query_start: int, start: int, end: int) -> PrefillChunk:
+        causal_mask = None
+        if start > 0:  # earlier chunks are cached: query i sees keys 0 .. start + i
+            key_pos = torch.arange(end, device=self.device)
+            query_pos = torch.arange(start, end, device=self.device)
+            causal_mask = key_pos[None, :] <= query_pos[:, None]  # [q, end]
+        table = self.block_manager.block_tables[seq_id][: -(-end // self.block_manager.block_size)]
+        return PrefillChunk(query_start, end - start, end, self._tensor(table)[None], causal_mask)
+
+    def _block_tables(self, seq_ids: list[str]) -> torch.Tensor:  # [B, max_blocks]
+        tables = [self.block_manager.block_tables[s] for s in seq_ids]
+        width = max((len(t) for t in tables), default=0)
+        return self._tensor([t + [0] * (width - len(t)) for t in tables]).view(len(tables), width)
+
+    def _decode_mask(self, context_lens: list[int]) -> torch.Tensor:  # [B, 1, 1, max_blocks * block_size]
+        block_size = self.block_manager.block_size
+        width = max((-(-n // block_size) for n in context_lens), default=0) * block_size
+        key_pos = torch.arange(width, device=self.device)
+        return (key_pos[None, :] < self._tensor(context_lens)[:, None])[:, None, None, :]
+
+    @torch.inference_mode()
+    def execute(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass; returns (float32 logits [num_sampled, vocab], last hidden states [T, hidden])."""
+        with self.lora.batch.use(inputs.lora_mapping):
+            hidden = self.decoder(
+                input_ids=inputs.input_ids[None],
+                position_ids=inputs.positions[None],
+                attn_metadata=inputs.attn_metadata,
+                use_cache=False,
+            ).last_hidden_state[0]  # [T, hidden]
+        logits = self.lm_head(hidden[inputs.logits_indices])
+        return logits.float(), hidden

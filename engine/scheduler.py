@@ -1,0 +1,152 @@
+"""Which sequences run this step: continuous batching with per-endpoint slots, a token budget,
+chunked prefill, and preemption by recompute when KV blocks run out.
+
+Policy, in order, every step:
+1. Reclaim: an endpoint below its guaranteed ``slots`` with work waiting gets capacity back by preempting
+   the newest sequence of an endpoint that is borrowing (running more than its slots).
+2. Running sequences, oldest first, each get their next chunk (one token when decoding) within the token
+   budget; when blocks run out the newest running sequence is preempted (its blocks freed, recomputed later).
+3. Waiting sequences are admitted in arrival order while the budget, ``max_num_seqs`` and free blocks allow.
+   An endpoint below its slots is always admissible; one at or above them may borrow idle capacity only
+   while enough stays free for every other endpoint that has work waiting and is below its slots. A request
+   that cannot be admitted does not block requests of other endpoints behind it.
+The scheduler never touches tensors.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.config import LimitsConfig
+from engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the sequence's last token, so a new token is sampled."""
+        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, limits: LimitsConfig, endpoint_slots: dict[str, int], block_manager: BlockManager) -> None:
+        self.max_num_seqs = limits.max_num_seqs
+        self.max_num_batched_tokens = limits.max_num_batched_tokens
+        self.endpoint_slots = endpoint_slots
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # oldest first
+        self.running_per_endpoint: Counter[str] = Counter()
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a finished or aborted sequence out and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.running_per_endpoint[seq.endpoint] -= 1
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq.seq_id)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        self._reclaim_slots(out)
+        num_reclaimed = len(out.preempted)
+        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        if len(out.preempted) == num_reclaimed:  # admitting while blocks run short would thrash
+            self._admit_waiting(out, budget)
+        return out
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Preemption by recompute: drop the KV blocks; the sequence re-enters at the front of the queue."""
+        self.running.remove(seq)
+        self.running_per_endpoint[seq.endpoint] -= 1
+        self.block_manager.free(seq.seq_id)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+
+    def _is_borrowing(self, endpoint: str) -> bool:
+        return self.running_per_endpoint[endpoint] > self.endpoint_slots.get(endpoint, 0)
+
+    def _reclaim_slots(self, out: SchedulerOutput) -> None:
+        starved = {
+            s.endpoint
+            for s in self.waiting
+            if self.running_per_endpoint[s.endpoint] < self.endpoint_slots.get(s.endpoint, 0)
+        }
+        for endpoint in starved:
+            while (
+                len(self.running) >= self.max_num_seqs
+                and self.running_per_endpoint[endpoint] < self.endpoint_slots[endpoint]
+            ):
+                borrowers = [s for s in self.running if self._is_borrowing(s.endpoint)]
+                if not borrowers:
+                    break
+                self._preempt(borrowers[-1], out)  # the freed capacity is taken in _admit_waiting
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted earlier in this loop
+                continue
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            if num_tokens == 0:
+                continue
+            while not self.block_manager.may_allocate(seq.seq_id, seq.num_computed_tokens + num_tokens):
+                self._preempt(self.running[-1], out)
+                if seq.status is SequenceStatus.WAITING:
+                    break
+            if seq.status is SequenceStatus.RUNNING:
+                out.chunks.append(ScheduledChunk(seq, num_tokens))
+                budget -= num_tokens
+        return budget
+
+    def _can_admit(self, endpoint: str) -> bool:
+        if len(self.running) >= self.max_num_seqs:
+            return False
+        if self.running_per_endpoint[endpoint] < self.endpoint_slots.get(endpoint, 0):
+            return True
+        waiting_endpoints = {s.endpoint for s in self.waiting} - {endpoint}
+        reserved = sum(max(0, self.endpoint_slots.get(e, 0) - self.running_per_endpoint[e]) for e in waiting_endpoints)
+        return len(self.running) + 1 + reserved <= self.max_num_seqs
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
+                return
+            if not self._can_admit(seq.endpoint):
+                continue
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            if not self.block_manager.may_allocate(seq.seq_id, num_tokens):
+                return  # out of KV blocks: wait for running sequences to finish
+            self.waiting.remove(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            self.running_per_endpoint[seq.endpoint] += 1
+            out.chunks.append(ScheduledChunk(seq, num_tokens))
+            budget -= num_tokens
