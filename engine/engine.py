@@ -188,7 +188,7 @@ class LLMEngine:
             ]
         self.stats.steps_total += 1
         self.stats.preemptions_total += len(scheduled.preempted)
-        return self._postprocess(scheduled.chunks, dict(zip((s.seq_id for s in seqs), tokens)))
+        return self._postprocess(scheduled.chunks, dict(zip((s.seq_id for s in seqs), tokens, strict=True)))
 
     def generate(self, requests: list[Request]) -> dict[str, list[RequestOutput]]:
         """Offline: run requests to completion; returns every output of each request, by id."""

@@ -35,7 +35,10 @@ class KVCache:
         self.value_cache[layer].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
 
     def gather(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of whole blocks, [B, num_kv_heads, max_blocks * block_size, head_dim], for ``block_tables`` [B, max_blocks]."""
+        """K and V of whole blocks for ``block_tables`` [B, max_blocks].
+
+        Returns two tensors of shape [B, num_kv_heads, max_blocks * block_size, head_dim].
+        """
         batch, num_blocks = block_tables.shape
         key = self.key_cache[layer][block_tables]  # [B, max_blocks, block_size, H_kv, D]
         value = self.value_cache[layer][block_tables]
