@@ -90,6 +90,11 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 11434
+    grace_period: float = 30.0  # seconds after SIGTERM for requests in flight to finish before exiting
+
+    def __post_init__(self) -> None:
+        if self.grace_period < 0:
+            raise ConfigError(f"server.grace_period = {self.grace_period}; use 0 or more seconds")
 
 
 @dataclass

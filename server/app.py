@@ -1,0 +1,155 @@
+"""The app factory, its lifecycle, and ``run_server``: one event loop, one listener per port.
+
+Start-up: the listeners open first, so ``/health`` answers and ``/ready`` says 503 while the model loads in a
+thread; once the engine runs, ``/ready`` turns 200 and one log line says where the server listens and what
+it serves. SIGTERM (or Ctrl-C): new requests get 503 and ``/ready`` fails, requests in flight (streams
+included) finish within ``server.grace_period`` seconds, then the listeners close and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+
+from engine.config import EngineConfig, load_config
+from server import ollama, openai_api
+from server.errors import APIError, error_response, install_error_handlers
+from server.metrics import CONTENT_TYPE
+from server.routing import ASGIApp, Scope
+from server.state import ServerState
+
+log = logging.getLogger(__name__)
+
+OPS_PATHS = frozenset({"/health", "/ready", "/metrics"})  # answered even while shutting down
+CLOSE_TIMEOUT_S = 2  # after the grace period, how long uvicorn waits before cancelling what is left
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="loraplex", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.loraplex = state
+    install_error_handlers(app)
+    app.include_router(ollama.router)
+    app.include_router(openai_api.router)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """Liveness: the process is up and, once loaded, the engine loop has not died."""
+        engine = state.async_engine
+        if engine is not None and not engine.is_alive:
+            return JSONResponse({"status": "dead", "error": str(engine.error)}, status_code=503)
+        return JSONResponse({"status": "ok" if engine is not None else "loading"})
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """Readiness: the model is loaded and the server is not shutting down."""
+        status = "ready" if state.ready else "shutting down" if state.shutting_down else "loading"
+        return JSONResponse({"status": status}, status_code=200 if state.ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def lifecycle_middleware(state: ServerState, app: ASGIApp) -> ASGIApp:
+    """Counts requests in flight for the drain, and refuses new ones with 503 once shutdown has begun."""
+
+    async def guard(scope: Scope, receive: Callable[[], Awaitable[Any]], send: Callable[[Any], Awaitable[None]]):
+        if scope["type"] != "http" or scope["path"] in OPS_PATHS:
+            return await app(scope, receive, send)
+        if state.shutting_down:
+            error = APIError(503, "the server is shutting down; retry on another worker")
+            return await error_response(error, scope["path"])(scope, receive, send)
+        state.in_flight += 1
+        try:
+            await app(scope, receive, send)
+        finally:
+            state.in_flight -= 1
+
+    return guard
+
+
+def build_asgi(state: ServerState) -> ASGIApp:
+    """Routing outermost (it rewrites prefixed paths), then the lifecycle guard, then FastAPI."""
+    return state.router.middleware(lifecycle_middleware(state, create_app(state)))
+
+
+class _Listener(uvicorn.Server):
+    """A uvicorn server that leaves signals to ``serve``, so several listeners can share one loop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve(config: EngineConfig) -> None:
+    """Listen on every port, load the engine, serve until SIGTERM/SIGINT, drain, stop."""
+    state = ServerState(config)
+    asgi = build_asgi(state)
+    host = config.server.host
+    listeners = [
+        _Listener(
+            uvicorn.Config(
+                asgi, host=host, port=port, lifespan="off", log_config=None, timeout_graceful_shutdown=CLOSE_TIMEOUT_S
+            )
+        )
+        for port in state.router.ports
+    ]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(listener.serve()) for listener in listeners]
+    try:
+        await asyncio.to_thread(state.load)
+        log.info("listening on %s; serving %s", _where(config, state), _what(config))
+        await stop.wait()
+        log.info("shutting down: refusing new requests, %d in flight", state.in_flight)
+        await _drain(state, config.server.grace_period)
+    finally:
+        state.shutting_down = True
+        for listener in listeners:
+            listener.should_exit = True
+        await asyncio.gather(*tasks, return_exceptions=True)
+        state.close()
+    log.info("stopped")
+
+
+async def _drain(state: ServerState, grace_period: float) -> None:
+    state.shutting_down = True
+    deadline = time.monotonic() + grace_period
+    while state.in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if state.in_flight:
+        log.warning("grace period of %.0f s over; cutting %d request(s) short", grace_period, state.in_flight)
+
+
+def _where(config: EngineConfig, state: ServerState) -> str:
+    host = config.server.host
+    extra = [f"{name} on http://{host}:{port}" for port, name in sorted(state.router.port_endpoints.items())]
+    return ", ".join([f"http://{host}:{config.server.port}", *extra])
+
+
+def _what(config: EngineConfig) -> str:
+    return ", ".join(f"{e.name} ({', '.join(e.aliases)})" if e.aliases else e.name for e in config.endpoints)
+
+
+def run_server(config_path: str | Path | None = None, host: str | None = None, port: int | None = None) -> None:
+    """``loraplex serve``: the config file (default: the shipped one) with optional host/port overrides."""
+    config = load_config(config_path)
+    if host:
+        config.server.host = host
+    if port:
+        config.server.port = port
+    asyncio.run(serve(config))

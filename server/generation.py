@@ -1,0 +1,141 @@
+"""Running one request through the engine for a route: limits, submission, timings and stream hygiene.
+
+Both APIs share this. ``start`` waits for the first output before the route answers, so every refusal the
+engine makes (bad prompt, full queue, dead loop) becomes an HTTP status instead of a broken stream; the
+stream it returns closes the engine's generator however the response ends, so a client that disconnects
+aborts its request and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from engine.engine import RequestOutput
+from engine.errors import RequestError
+from engine.sequence import FinishReason, Request, SamplingParams
+from server.errors import APIError
+from server.state import ServerState
+
+NS = 1_000_000_000
+
+
+def request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def context_limit(state: ServerState, num_ctx: int | None = None) -> int:
+    """Tokens one sequence may hold: max_model_len, or less when the request asks for a smaller context."""
+    max_len = state.config.limits.max_model_len
+    return min(num_ctx, max_len) if num_ctx else max_len
+
+
+def max_new_tokens(requested: int | None, num_prompt_tokens: int, limit: int) -> int:
+    """Tokens to generate: as requested but within the context; None or negative means up to the limit."""
+    room = limit - num_prompt_tokens
+    if room < 1:
+        raise RequestError(
+            f"the prompt has {num_prompt_tokens} tokens but the context holds {limit}; shorten it to at most "
+            f"{limit - 1} tokens"
+        )
+    if requested is None or requested < 0:
+        return room
+    if requested == 0:
+        raise RequestError("max tokens = 0 would generate nothing; ask for 1 or more (or -1 for no limit)")
+    return min(requested, room)
+
+
+@dataclass
+class Completed:
+    """Everything a non-streaming response needs from a finished request."""
+
+    text: str
+    token_ids: list[int]
+    last: RequestOutput
+
+
+async def start(
+    state: ServerState,
+    endpoint: str,
+    prompt_token_ids: list[int],
+    params: SamplingParams,
+    arrival_time: float,
+    rid: str,
+) -> AsyncIterator[RequestOutput]:
+    """Submit a request and wait for its first output; returns the stream of all its outputs."""
+    _, async_engine = state.require_engine()
+    request = Request(rid, endpoint, prompt_token_ids, params, arrival_time=arrival_time)
+    outputs = async_engine.generate(request)
+    try:
+        first = await anext(outputs)
+    except BaseException:
+        await outputs.aclose()
+        raise
+    return _stream(state, endpoint, first, outputs)
+
+
+async def _stream(
+    state: ServerState, endpoint: str, first: RequestOutput, rest: AsyncIterator[RequestOutput]
+) -> AsyncIterator[RequestOutput]:
+    try:
+        async for out in _prepend(first, rest):
+            if out.finished:
+                state.metrics.observe(endpoint, out)
+            yield out
+    finally:
+        await rest.aclose()  # leaving early aborts the request in the engine
+
+
+async def _prepend(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    yield first
+    async for out in rest:
+        yield out
+
+
+async def collect(outputs: AsyncIterator[RequestOutput]) -> Completed:
+    """Run a request to the end for a non-streaming response; an engine failure is a 500."""
+    text, token_ids, last = [], [], None
+    async for out in outputs:
+        text.append(out.text_delta)
+        token_ids += out.new_token_ids
+        last = out
+    assert last is not None and last.finished, "an engine stream ends with a finished output"
+    raise_if_failed(last)
+    return Completed("".join(text), token_ids, last)
+
+
+def raise_if_failed(out: RequestOutput) -> None:
+    if out.finish_reason is FinishReason.ERROR:
+        raise APIError(500, f"generation failed in the engine: {out.error}")
+
+
+@dataclass
+class Timings:
+    """Ollama's durations in nanoseconds, all measured by the engine (monotonic clock).
+
+    load_duration is the time the request waited before the engine first scheduled it: the model itself is
+    always loaded, so queueing is the only delay before work starts.
+    """
+
+    total_duration: int
+    load_duration: int
+    prompt_eval_duration: int
+    eval_duration: int
+
+    @classmethod
+    def of(cls, out: RequestOutput) -> Timings:
+        finish = out.finish_time or time.monotonic()
+        scheduled = out.first_scheduled_time or out.arrival_time
+        prefill_done = out.prefill_done_time or finish
+        return cls(
+            total_duration=_ns(finish - out.arrival_time),
+            load_duration=_ns(scheduled - out.arrival_time),
+            prompt_eval_duration=_ns(prefill_done - scheduled),
+            eval_duration=_ns(finish - prefill_done),
+        )
+
+
+def _ns(seconds: float) -> int:
+    return max(0, round(seconds * NS))

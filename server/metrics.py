@@ -1,0 +1,111 @@
+"""Prometheus ``/metrics`` in its own registry: engine gauges and counters read at scrape time, latency
+histograms observed as requests finish.
+
+The names are a contract: the k8s monitor script and the Gateway API Inference Extension read them
+(``loraplex_lora_requests_info`` mirrors vLLM's ``vllm:lora_requests_info``: its value is a timestamp and its
+labels carry the adapters running and waiting). Renaming one breaks them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from engine.async_engine import AsyncEngine
+from engine.engine import LLMEngine, RequestOutput
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+
+
+class EngineCollector(Collector):
+    """Reads a fresh ``AsyncEngine.stats()`` snapshot on every scrape; yields nothing until the engine loads."""
+
+    def __init__(self) -> None:
+        self.async_engine: AsyncEngine | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.async_engine is None:
+            return
+        engine, stats = self.async_engine.engine, self.async_engine.stats()
+        yield _gauge("loraplex_num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting)
+        yield _gauge("loraplex_num_requests_running", "Requests in the running batch.", stats.num_running)
+        usage = stats.kv_blocks_used / stats.kv_blocks_total if stats.kv_blocks_total else 0.0
+        yield _gauge("loraplex_kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).", usage)
+        yield _gauge("loraplex_kv_blocks_used", "KV cache blocks in use.", stats.kv_blocks_used)
+        yield _counter("loraplex_prompt_tokens", "Prompt tokens received.", stats.prompt_tokens_total)
+        yield _counter("loraplex_generation_tokens", "Tokens generated.", stats.generation_tokens_total)
+        yield _counter("loraplex_preemptions", "Sequences preempted for lack of KV blocks.", stats.preemptions_total)
+        finished = CounterMetricFamily(
+            "loraplex_requests_finished", "Requests finished, by finish reason.", labels=["reason"]
+        )
+        for reason, count in sorted(stats.requests_finished.items()):
+            finished.add_metric([reason], count)
+        yield finished
+        yield self._lora_info(engine)
+        resident = GaugeMetricFamily(
+            "loraplex_adapter_resident", "1 when the adapter sits in a LoRA slot.", labels=["adapter"]
+        )
+        for name in sorted(engine.lora.adapters):
+            resident.add_metric([name], 1.0 if name in engine.lora.slot_of else 0.0)
+        yield resident
+
+    @staticmethod
+    def _lora_info(engine: LLMEngine) -> GaugeMetricFamily:
+        """Adapters of running and waiting requests, read from a snapshot of the scheduler's queues."""
+        adapters = engine.lora.adapters
+        running = sorted({s.endpoint for s in list(engine.scheduler.running) if s.endpoint in adapters})
+        waiting = sorted({s.endpoint for s in list(engine.scheduler.waiting) if s.endpoint in adapters})
+        info = GaugeMetricFamily(
+            "loraplex_lora_requests_info",
+            "Running and waiting LoRA adapters; the value is the time of the scrape.",
+            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )
+        info.add_metric([",".join(running), ",".join(waiting), str(engine.lora.max_loras)], time.time())
+        return info
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.engine_collector = EngineCollector()
+        self.registry.register(self.engine_collector)
+        self.time_to_first_token = Histogram(
+            "loraplex_time_to_first_token_seconds",
+            "From arrival to the first generated token.",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.request_latency = Histogram(
+            "loraplex_request_latency_seconds",
+            "From arrival to the last token.",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def bind(self, async_engine: AsyncEngine) -> None:
+        self.engine_collector.async_engine = async_engine
+
+    def observe(self, endpoint: str, out: RequestOutput) -> None:
+        """Record a finished request's latencies from the engine's own timestamps."""
+        if out.prefill_done_time is not None:
+            self.time_to_first_token.labels(endpoint).observe(out.prefill_done_time - out.arrival_time)
+        if out.finish_time is not None:
+            self.request_latency.labels(endpoint).observe(out.finish_time - out.arrival_time)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

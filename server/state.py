@@ -1,0 +1,76 @@
+"""What the routes share: the configuration, the engine once it is loaded, and the lifecycle flags."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import torch
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.engine import LLMEngine, RequestOutput
+from server.errors import APIError
+from server.metrics import ServerMetrics
+from server.routing import EndpointRouter
+
+log = logging.getLogger(__name__)
+
+
+class ServerState:
+    """One per process. The engine is None until ``load`` finishes, which is what ``/ready`` reports."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.router = EndpointRouter(config)
+        self.metrics = ServerMetrics()
+        self.engine: LLMEngine | None = None
+        self.async_engine: AsyncEngine | None = None
+        self.shutting_down = False
+        self.in_flight = 0  # HTTP requests being answered, streams included
+        self.started_at = datetime.now(UTC)
+        # Held by every engine step and by anything else that runs the model (embeddings): the engine is
+        # single-threaded and its LoRA mapping is per forward pass.
+        self.model_lock = threading.Lock()
+
+    def load(self) -> None:
+        """Build the engine and start its loop; blocking, so run it in a thread."""
+        start = time.monotonic()
+        log.info("loading model %s", self.config.model.path or "(embedded SmolLM2-135M-Instruct)")
+        engine = LLMEngine(self.config)
+        for name, adapter in engine.lora.adapters.items():
+            log.info("adapter %s: rank %d, %s, slot %d", name, adapter.rank, adapter.path, engine.endpoint_slots[name])
+        engine.step = self._locked(engine.step)  # serialises steps with embedding forwards
+        async_engine = AsyncEngine(engine)
+        async_engine.start()
+        self.engine, self.async_engine = engine, async_engine
+        self.metrics.bind(async_engine)
+        log.info("model %s loaded in %.1f s", engine.model_name, time.monotonic() - start)
+
+    def _locked(self, step: Callable[[], list[RequestOutput]]) -> Callable[[], list[RequestOutput]]:
+        def locked_step() -> list[RequestOutput]:
+            # inference_mode around the whole step works around an engine bug: the sampler's penalties
+            # update the logits (an inference tensor from the runner) in place outside inference mode.
+            with self.model_lock, torch.inference_mode():
+                return step()
+
+        return locked_step
+
+    @property
+    def ready(self) -> bool:
+        return self.async_engine is not None and self.async_engine.is_alive and not self.shutting_down
+
+    def require_engine(self) -> tuple[LLMEngine, AsyncEngine]:
+        """The engine, or a 503 that says why there is none to serve this request."""
+        if self.shutting_down:
+            raise APIError(503, "the server is shutting down; retry on another worker")
+        if self.engine is None or self.async_engine is None:
+            raise APIError(503, "the model is still loading; retry in a few seconds", headers={"Retry-After": "5"})
+        return self.engine, self.async_engine
+
+    def close(self) -> None:
+        if self.async_engine is not None:
+            self.async_engine.shutdown()
