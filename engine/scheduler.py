@@ -131,8 +131,12 @@ class Scheduler:
             return False
         if self.running_per_endpoint[endpoint] < self.endpoint_slots.get(endpoint, 0):
             return True
-        waiting_endpoints = {s.endpoint for s in self.waiting} - {endpoint}
-        reserved = sum(max(0, self.endpoint_slots.get(e, 0) - self.running_per_endpoint[e]) for e in waiting_endpoints)
+        # Keep back what other endpoints below their slots need for the requests they have waiting.
+        waiting = Counter(s.endpoint for s in self.waiting if s.endpoint != endpoint)
+        reserved = sum(
+            min(count, max(0, self.endpoint_slots.get(e, 0) - self.running_per_endpoint[e]))
+            for e, count in waiting.items()
+        )
         return len(self.running) + 1 + reserved <= self.max_num_seqs
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:

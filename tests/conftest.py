@@ -1,0 +1,98 @@
+"""Shared fixtures: the real default model, the shipped adapters, and the transformers + PEFT oracle."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from engine.config import EngineConfig, load_config  # noqa: E402
+from engine.engine import LLMEngine  # noqa: E402
+from engine.loader import resolve_model_dir  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ADAPTERS = {name: ROOT / "adapters" / name for name in ("chatbot", "code", "summarization")}
+
+
+@pytest.fixture(scope="session")
+def default_config() -> EngineConfig:
+    return load_config()
+
+
+@pytest.fixture(scope="session")
+def model_dir(default_config: EngineConfig) -> Path:
+    """The safetensors copy of SmolLM2-135M-Instruct (converted from the GGUF on first use)."""
+    return resolve_model_dir(default_config.model)[0]
+
+
+@pytest.fixture(scope="session")
+def make_engine(default_config: EngineConfig) -> Callable[..., LLMEngine]:
+    """Build an engine on a fresh copy of the real model, with some limits overridden."""
+
+    def make(**limits: int) -> LLMEngine:
+        config = dataclasses.replace(default_config, limits=dataclasses.replace(default_config.limits, **limits))
+        return LLMEngine(config)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def engine(make_engine: Callable[..., LLMEngine]) -> LLMEngine:
+    """One shared engine with the default limits; tests must leave it with nothing running."""
+    return make_engine()
+
+
+class Oracle:
+    """transformers + PEFT, one request at a time: the reference every engine output must equal."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        names = list(ADAPTERS)
+        self.model = PeftModel.from_pretrained(base, str(ADAPTERS[names[0]]), adapter_name=names[0])
+        for name in names[1:]:
+            self.model.load_adapter(str(ADAPTERS[name]), adapter_name=name)
+        self.model.eval()
+        self.cache: dict[tuple[str, tuple[int, ...], int], list[int]] = {}
+
+    @torch.inference_mode()
+    def greedy(self, endpoint: str, prompt: list[int], max_new_tokens: int) -> list[int]:
+        key = (endpoint, tuple(prompt), max_new_tokens)
+        if key not in self.cache:
+            ids = torch.tensor([prompt])
+            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=2)
+            if endpoint == "base":
+                with self.model.disable_adapter():
+                    out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+            else:
+                self.model.set_adapter(endpoint)
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+            self.cache[key] = out[0, len(prompt) :].tolist()
+        return self.cache[key]
+
+    @torch.inference_mode()
+    def margin(self, endpoint: str, tokens: list[int]) -> float:
+        """Top-1 minus top-2 logit after ``tokens``: how close to a tie the next greedy choice is."""
+        ids = torch.tensor([tokens])
+        if endpoint == "base":
+            with self.model.disable_adapter():
+                logits = self.model(ids).logits[0, -1]
+        else:
+            self.model.set_adapter(endpoint)
+            logits = self.model(ids).logits[0, -1]
+        top = logits.topk(2).values
+        return float(top[0] - top[1])
+
+
+@pytest.fixture(scope="session")
+def oracle(model_dir: Path) -> Oracle:
+    return Oracle(model_dir)

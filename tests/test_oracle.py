@@ -1,0 +1,93 @@
+"""The engine's greedy tokens equal transformers + PEFT run on each request alone, token for token.
+
+Batches mix the base and three adapters (ranks 16 / 8 / 4, different target sets, one rsLoRA), prompts of
+1 to several hundred tokens, requests that arrive while others run, prompts split by chunked prefill, and
+preemption forced by a tiny KV pool.
+"""
+
+from __future__ import annotations
+
+import inspect
+import textwrap
+
+import pytest
+
+from engine.engine import LLMEngine
+from engine.sequence import Request, SamplingParams
+
+NEW_TOKENS = 32
+ENDPOINTS = ["base", "chatbot", "code", "summarization"]
+QUESTIONS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a hash table works and when you would use one.",
+    "List five tips for staying productive while working from home, with one sentence each.",
+    "Describe the water cycle to a ten year old.",
+]
+
+
+def build_prompts(tokenizer) -> list[list[int]]:  # noqa: ANN001
+    chats = [
+        tokenizer.encode(
+            tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        )
+        for q in QUESTIONS
+    ]
+    source = textwrap.dedent(inspect.getsource(textwrap.TextWrapper))
+    long_doc = tokenizer.encode("Summarize this code:\n" + source, add_special_tokens=False)[:380]
+    medium = tokenizer.encode(source[2000:3200], add_special_tokens=False)[:150]
+    one_token = tokenizer.encode("Once", add_special_tokens=False)
+    assert len(one_token) == 1
+    return [one_token, *chats, medium, long_doc]
+
+
+def run_and_compare(engine: LLMEngine, oracle, cases: list[tuple[str, list[int]]], stagger: int = 0) -> None:  # noqa: ANN001
+    """Submit ``cases`` (the first ``stagger`` of them first, the rest after two steps) and compare each."""
+    params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+    requests = [Request(f"req-{i}", ep, list(p), params) for i, (ep, p) in enumerate(cases)]
+    outputs: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    first, later = (requests[:stagger], requests[stagger:]) if stagger else (requests, [])
+    for request in first:
+        engine.add_request(request)
+    steps = 0
+    while engine.has_unfinished() or later:
+        if later and steps == 2:
+            for request in later:
+                engine.add_request(request)
+            later = []
+        for out in engine.step():
+            outputs[out.request_id] += out.new_token_ids
+        steps += 1
+    assert engine.block_manager.num_used_blocks == 0, "KV blocks leaked"
+    for request in requests:
+        got = outputs[request.request_id]
+        want = oracle.greedy(request.endpoint, request.prompt_token_ids, NEW_TOKENS)
+        if got != want:
+            at = next(i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b)
+            margin = oracle.margin(request.endpoint, request.prompt_token_ids + want[:at])
+            pytest.fail(
+                f"{request.request_id} ({request.endpoint}, {len(request.prompt_token_ids)}-token prompt) differs "
+                f"at token {at}: engine {got[at]} vs oracle {want[at]} (oracle top-2 margin {margin:.4f})"
+            )
+        assert len(got) == NEW_TOKENS
+
+
+@pytest.fixture(scope="module")
+def prompts(engine: LLMEngine) -> list[list[int]]:
+    return build_prompts(engine.tokenizer)
+
+
+def test_mixed_batch_matches_oracle(engine: LLMEngine, oracle, prompts: list[list[int]]) -> None:  # noqa: ANN001
+    """Every prompt on a different endpoint, all in one batch with the default limits."""
+    cases = [(ENDPOINTS[i % 4], p) for i, p in enumerate(prompts)]
+    cases += [(ENDPOINTS[(i + 1) % 4], p) for i, p in enumerate(prompts[:4])]
+    run_and_compare(engine, oracle, cases)
+
+
+def test_chunked_prefill_preemption_and_late_arrivals_match_oracle(make_engine, oracle, prompts) -> None:  # noqa: ANN001
+    """A 64-token budget splits every long prompt; 40 blocks of 16 cannot hold all of them, so some are
+    preempted and recomputed; half the requests arrive after the others started."""
+    engine = make_engine(max_num_batched_tokens=64, num_kv_blocks=40, max_model_len=512)
+    cases = [(ENDPOINTS[(i + 2) % 4], p) for i, p in enumerate(prompts)]
+    run_and_compare(engine, oracle, cases, stagger=3)
+    assert engine.stats.preemptions_total > 0, "the tiny KV pool should have forced a preemption"
