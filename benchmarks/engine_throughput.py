@@ -1,0 +1,786 @@
+"""Offline throughput and memory of loraplex against the ways LoRA endpoints were served before it.
+
+One process, one run, one workload, the default model (SmolLM2-135M-Instruct, float32, CPU):
+
+    loraplex                 every request submitted at once to one engine; adapters share each forward pass
+    loraplex, base only      the same prompts and lengths, all on the base model: what adapters cost
+    (a) PEFT one at a time   transformers + PEFT, ``set_adapter`` then greedy ``generate`` per request
+    (b) PEFT static batches  PEFT's mixed-adapter ``generate(adapter_names=...)``, batches of ``--batch-size``
+                             in arrival order, each batch run to its longest request
+    (c) one copy per endpoint  the old design: base + one merged copy per adapter (4 copies), each serving its
+                             own requests one at a time; the copies run in turn here, and their throughput is
+                             reported as if they had run in parallel on separate hardware (wall time = the
+                             slowest copy), which is generous to (c)
+
+Workload: 16 requests per adapter (chatbot, code, summarization) in a seeded random arrival order, prompts of
+16-256 tokens cut from Python standard-library source, 16-128 output tokens each, EOS ignored, greedy.
+Every system must produce exactly the requested number of tokens per request, or the run stops.
+
+    python benchmarks/engine_throughput.py                  # full run, results in benchmarks/results/
+    python benchmarks/engine_throughput.py --quick          # 8 short requests, for development
+    python benchmarks/engine_throughput.py --skip copies,peft-sequential --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import dataclasses
+import datetime
+import gc
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notices inside generate
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel  # noqa: E402
+
+from engine.config import EngineConfig, load_config  # noqa: E402
+from engine.engine import LLMEngine  # noqa: E402
+from engine.loader import resolve_model_dir  # noqa: E402
+from engine.sequence import FinishReason, Request, SamplingParams  # noqa: E402
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results"
+BASELINES = ("base-only", "peft-sequential", "peft-batched", "copies", "thread-sweep")
+# Standard-library modules whose source (code and docstrings) the prompts are cut from.
+SOURCE_MODULES = (
+    "argparse",
+    "collections",
+    "dataclasses",
+    "email.message",
+    "functools",
+    "http.client",
+    "inspect",
+    "json.decoder",
+    "logging",
+    "pathlib",
+    "subprocess",
+    "textwrap",
+    "typing",
+    "unittest.case",
+    "urllib.parse",
+    "zipfile",
+)
+SOURCE_CHARS = 12_000  # of each module: thousands of tokens, far more than the longest prompt
+MB = 2**20
+
+
+# ---- workload --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    num_requests: int = 48
+    prompt_len: tuple[int, int] = (16, 256)  # inclusive range, uniform
+    output_len: tuple[int, int] = (16, 128)
+    seed: int = 0
+
+
+FULL = WorkloadSpec()
+QUICK = WorkloadSpec(num_requests=8, prompt_len=(16, 64), output_len=(8, 16))
+
+
+@dataclass
+class BenchRequest:
+    request_id: str
+    endpoint: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+
+
+def source_token_pool(tokenizer: transformers.PreTrainedTokenizerBase) -> list[list[int]]:
+    """Token ids of the first SOURCE_CHARS characters of each source module: real text, on every machine."""
+    texts = [inspect.getsource(importlib.import_module(name))[:SOURCE_CHARS] for name in SOURCE_MODULES]
+    return [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+
+
+def make_workload(
+    tokenizer: transformers.PreTrainedTokenizerBase, endpoints: list[str], spec: WorkloadSpec
+) -> list[BenchRequest]:
+    """``spec.num_requests`` requests spread evenly over ``endpoints``, in a seeded random arrival order."""
+    rng = random.Random(spec.seed)
+    pool = source_token_pool(tokenizer)
+    assigned = [endpoints[i % len(endpoints)] for i in range(spec.num_requests)]
+    rng.shuffle(assigned)
+    requests = []
+    for i, endpoint in enumerate(assigned):
+        prompt_len, max_tokens = rng.randint(*spec.prompt_len), rng.randint(*spec.output_len)
+        tokens = rng.choice([t for t in pool if len(t) > prompt_len])
+        start = rng.randrange(len(tokens) - prompt_len)
+        requests.append(BenchRequest(f"req-{i:03d}", endpoint, tokens[start : start + prompt_len], max_tokens))
+    return requests
+
+
+def describe_workload(workload: list[BenchRequest], spec: WorkloadSpec) -> dict:
+    prompts = [len(r.prompt_token_ids) for r in workload]
+    outputs = [r.max_tokens for r in workload]
+    digest = hashlib.sha256(json.dumps([(r.endpoint, r.prompt_token_ids, r.max_tokens) for r in workload]).encode())
+    return {
+        "num_requests": len(workload),
+        "seed": spec.seed,
+        "requests_per_endpoint": dict(Counter(r.endpoint for r in workload)),
+        "prompt_tokens": {"min": min(prompts), "max": max(prompts), "total": sum(prompts)},
+        "output_tokens": {"min": min(outputs), "max": max(outputs), "total": sum(outputs)},
+        "prompt_source": f"Python {platform.python_version()} stdlib source of {', '.join(SOURCE_MODULES)}",
+        "arrivals": "all submitted at once",
+        "decoding": "greedy, EOS ignored",
+        "sha256": digest.hexdigest()[:16],
+    }
+
+
+# ---- memory ----------------------------------------------------------------------------------------------------
+
+
+def _status_kib(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field_name}")
+
+
+def rss_bytes() -> int:
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss_bytes() -> int:
+    return _status_kib("VmHWM") * 1024
+
+
+def reset_peak_rss() -> None:
+    """Set VmHWM back to the current RSS (Linux: writing 5 to clear_refs), so each phase has its own peak."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def release_memory() -> None:
+    """Free what the last system left and hand glibc's free heap pages back, so the next RSS growth is its own."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def tensor_bytes(tensors: Iterator[torch.Tensor]) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        if t.data_ptr() not in seen:  # tied weights count once
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Parameters and buffers: what one copy of the model holds, whatever the OS has paged in."""
+    return tensor_bytes(iter([*model.parameters(), *model.buffers()]))
+
+
+class Deployment:
+    """Memory of one deployment (its load and every run on it): RSS growth from just before it was loaded."""
+
+    def __init__(self) -> None:
+        release_memory()
+        self.rss_before = rss_bytes()
+        reset_peak_rss()
+        self.loaded_rss = 0
+
+    def loaded(self) -> None:
+        self.loaded_rss = rss_bytes() - self.rss_before
+
+    @contextlib.contextmanager
+    def measure(self, memory: dict) -> Iterator[None]:
+        """Fill ``memory`` with the RSS growth after load and the peak while the block runs."""
+        reset_peak_rss()
+        yield
+        memory["rss_after_load_mb"] = round(self.loaded_rss / MB, 1)
+        memory["peak_rss_growth_mb"] = round((peak_rss_bytes() - self.rss_before) / MB, 1)
+
+
+def kv_blocks_needed(workload: list[BenchRequest], block_size: int) -> int:
+    """KV blocks the workload holds when every request is resident at its full length."""
+    return sum(-(-(len(r.prompt_token_ids) + r.max_tokens) // block_size) for r in workload)
+
+
+# ---- one system's run ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SystemResult:
+    name: str
+    description: str
+    tokens: int
+    seconds: float
+    threads: int
+    memory: dict = field(default_factory=dict)
+    latency_s: dict = field(default_factory=dict)  # from submission (all at once) to each request's finish
+    extra: dict = field(default_factory=dict)
+    outputs: dict[str, list[int]] = field(default_factory=dict, repr=False)  # request id -> token ids
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def to_json(self, reference: SystemResult | None) -> dict:
+        data = {
+            "description": self.description,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 3),
+            "tokens_per_s": round(self.tokens_per_s, 2),
+            "loraplex_speedup": round(reference.tokens_per_s / self.tokens_per_s, 3) if reference else None,
+            "threads": self.threads,
+            "memory": self.memory,
+            "latency_s": self.latency_s,
+            **self.extra,
+        }
+        if reference is not None and reference is not self and reference.outputs:
+            same = sum(self.outputs.get(rid) == tokens for rid, tokens in reference.outputs.items())
+            data["same_tokens_as_loraplex"] = f"{same}/{len(reference.outputs)}"
+        return data
+
+
+def latency_summary(finish_offsets: list[float]) -> dict:
+    ordered = sorted(finish_offsets)
+    return {
+        "mean": round(statistics.fmean(ordered), 3),
+        "p50": round(ordered[len(ordered) // 2], 3),
+        "p99": round(ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))], 3),
+    }
+
+
+def check_counts(name: str, workload: list[BenchRequest], outputs: dict[str, list[int]]) -> int:
+    """Every request got exactly the tokens it asked for; returns the total. A miscount voids the run."""
+    for r in workload:
+        got = len(outputs.get(r.request_id, []))
+        if got != r.max_tokens:
+            raise RuntimeError(f"{name}: request {r.request_id} produced {got} tokens, asked for {r.max_tokens}")
+    return sum(r.max_tokens for r in workload)
+
+
+def run_loraplex(
+    engine: LLMEngine, workload: list[BenchRequest], name: str, description: str, endpoint: str | None = None
+) -> SystemResult:
+    """Submit every request at once and step the engine until all finish (``endpoint`` overrides each one's)."""
+    requests = [
+        Request(
+            r.request_id,
+            endpoint or r.endpoint,
+            list(r.prompt_token_ids),
+            SamplingParams(r.max_tokens, ignore_eos=True),
+        )
+        for r in workload
+    ]
+    steps, preemptions = engine.stats.steps_total, engine.stats.preemptions_total
+    start, start_monotonic = time.perf_counter(), time.monotonic()
+    results = engine.generate(requests)
+    seconds = time.perf_counter() - start
+    outputs = {rid: [t for out in outs for t in out.new_token_ids] for rid, outs in results.items()}
+    errors = [outs[-1].error for outs in results.values() if outs and outs[-1].finish_reason is FinishReason.ERROR]
+    if errors:
+        raise RuntimeError(f"{name}: {len(errors)} requests failed in the engine: {errors[0]}")
+    finals = [outs[-1] for outs in results.values()]
+    first_token = [o.prefill_done_time - start_monotonic for o in finals if o.prefill_done_time is not None]
+    return SystemResult(
+        name=name,
+        description=description,
+        tokens=check_counts(name, workload, outputs),
+        seconds=seconds,
+        threads=torch.get_num_threads(),
+        latency_s=latency_summary([o.finish_time - start_monotonic for o in finals]),
+        extra={
+            "time_to_first_token_s": latency_summary(first_token),
+            "engine_steps": engine.stats.steps_total - steps,
+            "preemptions": engine.stats.preemptions_total - preemptions,
+        },
+        outputs=outputs,
+    )
+
+
+# ---- transformers + PEFT baselines -----------------------------------------------------------------------------
+
+
+def load_base(model_dir: Path) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
+
+
+def load_peft(model_dir: Path, adapters: dict[str, str]) -> torch.nn.Module:
+    """One base model with every adapter loaded under its endpoint's name."""
+    from peft import PeftModel
+
+    names = list(adapters)
+    model = PeftModel.from_pretrained(load_base(model_dir), adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    return model.eval()
+
+
+def greedy_kwargs(max_new_tokens: int, pad_token_id: int) -> dict:
+    """Greedy, EOS ignored (no eos_token_id), exactly ``max_new_tokens`` unless something stops it early."""
+    return dict(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=pad_token_id, top_k=None
+    )
+
+
+@torch.inference_mode()
+def peft_generate_one(model: torch.nn.Module, request: BenchRequest, pad_token_id: int) -> list[int]:
+    ids = torch.tensor([request.prompt_token_ids])
+    kwargs = greedy_kwargs(request.max_tokens, pad_token_id)
+    if request.endpoint == "base":
+        with model.disable_adapter():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    else:
+        model.set_adapter(request.endpoint)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    return out[0, ids.shape[1] :].tolist()
+
+
+def run_peft_sequential(model: torch.nn.Module, workload: list[BenchRequest], pad_token_id: int) -> SystemResult:
+    """(a) One request at a time, in arrival order."""
+    outputs, finish = {}, []
+    start = time.perf_counter()
+    for r in workload:
+        outputs[r.request_id] = peft_generate_one(model, r, pad_token_id)
+        finish.append(time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    name = "peft-sequential"
+    return SystemResult(
+        name=name,
+        description="(a) transformers + PEFT, one request at a time (set_adapter + generate)",
+        tokens=check_counts(name, workload, outputs),
+        seconds=seconds,
+        threads=torch.get_num_threads(),
+        latency_s=latency_summary(finish),
+        outputs=outputs,
+    )
+
+
+@torch.inference_mode()
+def peft_generate_batch(model: torch.nn.Module, batch: list[BenchRequest], pad_token_id: int) -> list[list[int]]:
+    """PEFT's mixed-adapter batch: left-padded prompts, one adapter name per row, run to the longest request."""
+    width = max(len(r.prompt_token_ids) for r in batch)
+    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, r in enumerate(batch):
+        ids[row, width - len(r.prompt_token_ids) :] = torch.tensor(r.prompt_token_ids)
+        mask[row, width - len(r.prompt_token_ids) :] = 1
+    names = ["__base__" if r.endpoint == "base" else r.endpoint for r in batch]
+    kwargs = greedy_kwargs(max(r.max_tokens for r in batch), pad_token_id)
+    out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **kwargs)
+    return [out[row, width : width + r.max_tokens].tolist() for row, r in enumerate(batch)]
+
+
+def run_peft_batched(
+    model: torch.nn.Module, workload: list[BenchRequest], pad_token_id: int, batch_size: int
+) -> SystemResult:
+    """(b) Static batches in arrival order; tokens past a request's own length are computed and thrown away."""
+    outputs, finish = {}, []
+    start = time.perf_counter()
+    computed = 0
+    for i in range(0, len(workload), batch_size):
+        batch = workload[i : i + batch_size]
+        for r, tokens in zip(batch, peft_generate_batch(model, batch, pad_token_id), strict=True):
+            outputs[r.request_id] = tokens
+        computed += len(batch) * max(r.max_tokens for r in batch)
+        finish += [time.perf_counter() - start] * len(batch)
+    seconds = time.perf_counter() - start
+    name = "peft-batched"
+    tokens = check_counts(name, workload, outputs)
+    return SystemResult(
+        name=name,
+        description=(
+            f"(b) PEFT mixed-adapter generate(adapter_names=...), static batches of {batch_size} in arrival order"
+        ),
+        tokens=tokens,
+        seconds=seconds,
+        threads=torch.get_num_threads(),
+        latency_s=latency_summary(finish),
+        extra={"batch_size": batch_size, "tokens_computed_incl_padding": computed},
+        outputs=outputs,
+    )
+
+
+# ---- (c) the old design: one model copy per endpoint -----------------------------------------------------------
+
+
+def load_copy(model_dir: Path, adapter: str) -> PreTrainedModel:
+    """One pod's model: the base, with its adapter merged into the weights (the fastest way to serve one adapter)."""
+    base = load_base(model_dir)
+    if not adapter:
+        return base
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
+
+
+@torch.inference_mode()
+def generate_plain(model: PreTrainedModel, request: BenchRequest, pad_token_id: int) -> list[int]:
+    ids = torch.tensor([request.prompt_token_ids])
+    out = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), **greedy_kwargs(request.max_tokens, pad_token_id)
+    )
+    return out[0, ids.shape[1] :].tolist()
+
+
+def run_copies(
+    copies: dict[str, PreTrainedModel], workload: list[BenchRequest], pad_token_id: int, warmup: Callable
+) -> SystemResult:
+    """(c) Each copy serves its own endpoint's requests one at a time; copies run in turn, timed separately."""
+    outputs: dict[str, list[int]] = {}
+    per_copy: dict[str, float] = {}
+    finish = []
+    for endpoint, model in copies.items():
+        mine = [r for r in workload if r.endpoint == endpoint]
+        warmup(model)
+        start = time.perf_counter()
+        for r in mine:
+            outputs[r.request_id] = generate_plain(model, r, pad_token_id)
+            finish.append(time.perf_counter() - start)  # its pod started serving at time 0 too
+        per_copy[endpoint] = time.perf_counter() - start
+    name = "copies"
+    return SystemResult(
+        name=name,
+        description=(
+            f"(c) old design: {len(copies)} model copies (base + one merged copy per adapter), each serving its own "
+            "requests one at a time; wall time = slowest copy, i.e. assumes the copies run in parallel on "
+            "separate hardware"
+        ),
+        tokens=check_counts(name, workload, outputs),
+        seconds=max(per_copy.values()),
+        threads=torch.get_num_threads(),
+        latency_s=latency_summary(finish),
+        extra={
+            "num_copies": len(copies),
+            "per_copy_seconds": {k: round(v, 3) for k, v in per_copy.items()},
+            "seconds_if_run_in_turn": round(sum(per_copy.values()), 3),
+            "assumption": "copies run concurrently, each on its own hardware: wall time = max of per-copy times",
+        },
+        outputs=outputs,
+    )
+
+
+# ---- reporting -------------------------------------------------------------------------------------------------
+
+
+def machine_description(threads: int) -> dict:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import peft
+
+    return {
+        "cpu_model": cpu,
+        "logical_cores": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "torch_threads": threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+TARGETS = (  # (system, minimum loraplex speedup over it, what it means)
+    ("peft-sequential", 10.0, "loraplex >= 10x transformers+PEFT one request at a time"),
+    ("peft-batched", 2.0, "loraplex >= 2x PEFT static mixed-adapter batches"),
+    ("base-only", 0.85, "mixed-adapter throughput >= 0.85x the same workload on the base alone"),
+)
+
+
+def evaluate_targets(results: dict[str, SystemResult], memory: dict[str, dict]) -> list[dict]:
+    """The issue's targets, reported (never asserted: timings on a shared CPU are noisy)."""
+    ref = results["loraplex"]
+    rows = []
+    for system, minimum, meaning in TARGETS:
+        if system in results:
+            measured = ref.tokens_per_s / results[system].tokens_per_s
+            rows.append(
+                {"target": meaning, "minimum": minimum, "measured": round(measured, 3), "met": measured >= minimum}
+            )
+    if "copies" in results:
+        copies = results["copies"].extra["num_copies"]
+        for key in ("model_mb", "peak_rss_growth_mb"):
+            measured = memory["copies"][key] / memory["loraplex"][key]
+            rows.append(
+                {
+                    "target": f"{key}: one copy instead of {copies}, i.e. (c) / loraplex >= {copies} within 10%",
+                    "minimum": round(0.9 * copies, 2),
+                    "measured": round(measured, 3),
+                    "met": measured >= 0.9 * copies,
+                }
+            )
+    return rows
+
+
+def markdown_table(results: dict[str, SystemResult]) -> str:
+    ref = results["loraplex"]
+    lines = [
+        "| system | requests | tokens | s | tok/s | loraplex ÷ this | model MB | peak RSS growth MB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for result in results.values():
+        mem = result.memory
+        lines.append(
+            f"| {result.name} ({result.threads} thr) | {len(result.outputs)} | {result.tokens} | {result.seconds:.1f} "
+            f"| {result.tokens_per_s:.1f} | {ref.tokens_per_s / result.tokens_per_s:.2f} "
+            f"| {mem.get('model_mb', 0):.0f} | {mem.get('peak_rss_growth_mb', 0):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, SystemResult], sweep: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [3, 3, 1.4]})
+    tps = [results[n].tokens_per_s for n in names]
+    bars = axes[0].barh(names, tps, color=["tab:green" if n.startswith("loraplex") else "tab:gray" for n in names])
+    axes[0].bar_label(bars, fmt="%.0f", padding=2)
+    axes[0].set_xlim(0, 1.15 * max([*tps, 1]))
+    axes[0].set_xlabel("output tokens / s (higher is better)")
+    axes[0].invert_yaxis()
+    model_mb = [results[n].memory.get("model_mb", 0) for n in names]
+    rss_mb = [results[n].memory.get("peak_rss_growth_mb", 0) for n in names]
+    y = range(len(names))
+    model_bars = axes[1].barh([i - 0.2 for i in y], model_mb, height=0.4, label="parameters + buffers")
+    rss_bars = axes[1].barh([i + 0.2 for i in y], rss_mb, height=0.4, label="peak RSS growth")
+    for bars in (model_bars, rss_bars):
+        axes[1].bar_label(bars, fmt="%.0f", padding=2, fontsize=8)
+    axes[1].set_yticks(list(y), names)
+    axes[1].invert_yaxis()
+    axes[1].set_xlabel("MB (lower is better)")
+    axes[1].set_xlim(0, 1.25 * max([*model_mb, *rss_mb, 1]))
+    axes[1].legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8)
+    if sweep:
+        bars = axes[2].bar([str(s["threads"]) for s in sweep], [s["tokens_per_s"] for s in sweep], color="tab:green")
+        axes[2].bar_label(bars, fmt="%.0f")
+        axes[2].set_xlabel("torch threads (loraplex)")
+        axes[2].set_ylabel("output tokens / s")
+    else:
+        axes[2].axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"small workload for development and CI: {QUICK}")
+    parser.add_argument("--skip", default="", help=f"comma-separated baselines to skip: {', '.join(BASELINES)}")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for every system (0 = the config's)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON, markdown and plot")
+    parser.add_argument("--batch-size", type=int, default=16, help="static batch size of baseline (b)")
+    parser.add_argument("--num-requests", type=int, help="override the workload's request count")
+    parser.add_argument("--output-len", type=int, help="every request generates exactly this many tokens")
+    parser.add_argument("--num-kv-blocks", type=int, help="override limits.num_kv_blocks (KV pool size) of the engine")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", help="engine TOML config (default: the shipped one)")
+    args = parser.parse_args(argv)
+    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    unknown = args.skip - set(BASELINES)
+    if unknown:
+        parser.error(f"--skip: unknown baseline(s) {', '.join(sorted(unknown))}; choose from {', '.join(BASELINES)}")
+    return args
+
+
+def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
+    spec = dataclasses.replace(QUICK if args.quick else FULL, seed=args.seed)
+    if args.num_requests:
+        spec = dataclasses.replace(spec, num_requests=args.num_requests)
+    if args.output_len:
+        spec = dataclasses.replace(spec, output_len=(args.output_len, args.output_len))
+    return spec
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    transformers.logging.set_verbosity_error()
+    config: EngineConfig = load_config(args.config)
+    threads = args.threads or config.model.num_threads or torch.get_num_threads()
+    config.model.num_threads = threads
+    if args.num_kv_blocks:
+        config.limits = dataclasses.replace(config.limits, num_kv_blocks=args.num_kv_blocks)
+    torch.set_num_threads(threads)
+    machine = machine_description(threads)
+    model_dir, model_name = resolve_model_dir(config.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    adapters = {e.name: e.adapter for e in config.endpoints if e.adapter}
+    spec = workload_spec(args)
+    workload = make_workload(tokenizer, list(adapters), spec)
+    warm = [dataclasses.replace(r, request_id=f"warm-{i}", max_tokens=2) for i, r in enumerate(workload[:4])]
+    log(f"workload: {describe_workload(workload, spec)}")
+    results: dict[str, SystemResult] = {}
+    memory: dict[str, dict] = {}
+    sweep: list[dict] = []
+
+    # loraplex: one engine, every adapter resident.
+    deployment = Deployment()
+    engine = LLMEngine(config)
+    deployment.loaded()
+    block_size = config.limits.block_size
+    bytes_per_block = engine.kv_cache.num_bytes // config.limits.num_kv_blocks
+    stacked = sum(tensor_bytes(iter(layer.buffers())) for layer in engine.lora.layers.values())
+    packed = sum(tensor_bytes(iter([layer.a_packed, layer.b_packed])) for layer in engine.lora.layers.values())
+    memory["loraplex"] = {
+        "model_mb": round((model_bytes(engine.model) + packed) / MB, 1),
+        "base_weights_mb": round((model_bytes(engine.model) - stacked) / MB, 1),
+        "lora_stacked_slots_mb": round(stacked / MB, 1),
+        "lora_packed_mb": round(packed / MB, 1),
+        "kv_pool_allocated_mb": round(engine.kv_cache.num_bytes / MB, 1),
+        "kv_pool_needed_by_workload_mb": round(kv_blocks_needed(workload, block_size) * bytes_per_block / MB, 1),
+        "note": "model_mb = parameters + buffers (base, stacked LoRA slots) + packed LoRA copies; the KV pool is "
+        "allocated zeroed up front and only its touched pages are resident (they show in peak_rss_growth_mb)",
+    }
+    run_loraplex(engine, warm, "warmup", "")
+    with deployment.measure(memory["loraplex"]):
+        log("loraplex: mixed adapters")
+        results["loraplex"] = run_loraplex(engine, workload, "loraplex", "loraplex, all adapters in one engine")
+        if "base-only" not in args.skip:
+            log("loraplex: base only")
+            results["base-only"] = run_loraplex(
+                engine, workload, "base-only", "loraplex, the same requests all on the base model", endpoint="base"
+            )
+    for name in ("loraplex", "base-only"):
+        if name in results:
+            results[name].memory = memory["loraplex"]
+    if "thread-sweep" not in args.skip:
+        for n in (1, 2):
+            if n == threads:
+                sweep.append(
+                    {"threads": n, "tokens": results["loraplex"].tokens, "seconds": results["loraplex"].seconds}
+                )
+                continue
+            log(f"loraplex: {n} torch threads")
+            torch.set_num_threads(n)
+            run_loraplex(engine, warm, "warmup", "")
+            r = run_loraplex(engine, workload, f"loraplex-{n}-threads", "")
+            sweep.append({"threads": n, "tokens": r.tokens, "seconds": r.seconds})
+            torch.set_num_threads(threads)
+        for s in sweep:
+            s["tokens_per_s"] = round(s["tokens"] / s["seconds"], 2)
+            s["seconds"] = round(s["seconds"], 3)
+    del engine
+
+    # (a) and (b): one base with the three adapters loaded into PEFT.
+    if {"peft-sequential", "peft-batched"} - args.skip:
+        deployment = Deployment()
+        model = load_peft(model_dir, adapters)
+        deployment.loaded()
+        for r in warm:
+            peft_generate_one(model, r, pad_token_id)
+        peft_batch = peft_generate_batch(model, warm, pad_token_id)
+        assert len(peft_batch) == len(warm)
+        model_mb = round(model_bytes(model) / MB, 1)
+        if "peft-sequential" not in args.skip:
+            log("(a) PEFT one request at a time")
+            memory["peft-sequential"] = {"model_mb": model_mb}
+            with deployment.measure(memory["peft-sequential"]):
+                results["peft-sequential"] = run_peft_sequential(model, workload, pad_token_id)
+            results["peft-sequential"].memory = memory["peft-sequential"]
+        if "peft-batched" not in args.skip:
+            log(f"(b) PEFT static batches of {args.batch_size}")
+            memory["peft-batched"] = {"model_mb": model_mb}
+            with deployment.measure(memory["peft-batched"]):
+                results["peft-batched"] = run_peft_batched(model, workload, pad_token_id, args.batch_size)
+            results["peft-batched"].memory = memory["peft-batched"]
+        del model
+
+    # (c): one copy per endpoint, all resident at once as the pods would be.
+    if "copies" not in args.skip:
+        log("(c) one model copy per endpoint")
+        deployment = Deployment()
+        copies = {e.name: load_copy(model_dir, e.adapter) for e in config.endpoints}
+        deployment.loaded()
+        memory["copies"] = {
+            "model_mb": round(sum(model_bytes(m) for m in copies.values()) / MB, 1),
+            "per_copy_model_mb": round(model_bytes(next(iter(copies.values()))) / MB, 1),
+        }
+
+        def warmup(model: PreTrainedModel) -> None:
+            generate_plain(model, warm[0], pad_token_id)
+
+        with deployment.measure(memory["copies"]):
+            results["copies"] = run_copies(copies, workload, pad_token_id, warmup)
+        results["copies"].memory = memory["copies"]
+        del copies
+    release_memory()
+
+    ref = results["loraplex"]
+    report = {
+        "benchmark": "engine_throughput",
+        "machine": machine,
+        "model": {"name": model_name, "dtype": config.model.dtype, "device": config.model.device},
+        "engine_limits": dataclasses.asdict(config.limits),
+        "workload": describe_workload(workload, spec),
+        "quick": args.quick,
+        "systems": {name: r.to_json(ref) for name, r in results.items()},
+        "thread_sweep": sweep,
+        "targets": evaluate_targets(results, memory),
+        "table": markdown_table(results),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "engine_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+    title = (
+        f"{model_name} {config.model.dtype}, {len(workload)} requests ({', '.join(adapters)}), "
+        f"{ref.tokens} output tokens — {machine['cpu_model']}, {threads} threads"
+    )
+    (args.out / "engine_throughput.md").write_text(
+        f"# Engine throughput\n\n{title}\n\n{report['table']}\n\n"
+        + "\n".join(f"- {t['target']}: {t['measured']} ({'met' if t['met'] else 'missed'})" for t in report["targets"])
+        + f"\n\nFull run took {report['wall_seconds']} s. Details: engine_throughput.json.\n"
+    )
+    plot(results, sweep, args.out / "engine_throughput.png", title)
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    report = run_benchmark(args)
+    print()
+    print(report["table"])
+    for target in report["targets"]:
+        print(f"- {target['target']}: {target['measured']} ({'met' if target['met'] else 'missed'})")
+    print(f"\nwrote {args.out}/engine_throughput.{{json,md,png}} in {report['wall_seconds']} s")
+    return report
+
+
+if __name__ == "__main__":
+    main()
