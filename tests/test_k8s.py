@@ -547,3 +547,100 @@ def test_monitor_reads_every_worker(local_worker: dict[str, str]) -> None:
     assert len(rows) == 2
     for row in rows:
         assert "chatbot,code,summarization (max 4)" in row, row
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The cluster-side scripts against a stand-in kubectl: what they would run, in order
+
+FAKE_KUBECTL = r"""#!/usr/bin/env bash
+# Stands in for kubectl: logs every call, renders with the real kubectl, answers the reads the scripts make.
+echo "$*" >> "$KUBECTL_LOG"
+case "$*" in
+  kustomize*) exec "$REAL_KUBECTL" "$@" ;;
+  apply*) cp "${@: -1}" "$KUBECTL_LOG.applied" ;;
+  *"get pods"*) printf 'loraplex-worker-a\nloraplex-worker-b\n' ;;
+  *"get --raw"*) exec curl -fsS "$WORKER_URL/metrics" ;;
+  *"get service"*) echo ollama ;;
+esac
+exit 0
+"""
+
+
+@pytest.fixture
+def fake_kubectl(tmp_path: Path) -> dict[str, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "kubectl").write_text(FAKE_KUBECTL)
+    (bin_dir / "kubectl").chmod(0o755)
+    return os.environ | {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "KUBECTL_LOG": str(tmp_path / "kubectl.log"),
+        "REAL_KUBECTL": tool("kubectl"),
+    }
+
+
+def kubectl_calls(env: dict[str, str]) -> list[str]:
+    return Path(env["KUBECTL_LOG"]).read_text().splitlines()
+
+
+def test_deploy_all_retires_the_old_pods_applies_and_waits(fake_kubectl: dict[str, str]) -> None:
+    out = subprocess.run(
+        [
+            str(K8S / "scripts" / "deploy-all.sh"),
+            "--overlay",
+            "cpu",
+            "--image",
+            "registry.example.com/lp:9",
+            "--retire-old",
+        ],
+        env=fake_kubectl,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    ns = f"-n {NAMESPACE}"
+    steps = [
+        f"{ns} scale deployment -l app.kubernetes.io/name=ollama --replicas=0",
+        f"{ns} delete service ollama-summarization",
+        "apply -f ",
+        f"{ns} rollout status deployment/loraplex-worker --timeout=30m",
+    ]
+    calls = [c for c in kubectl_calls(fake_kubectl) if any(c.startswith(step) for step in steps)]
+    assert [next(step for step in steps if c.startswith(step)) for c in calls] == steps, calls
+    applied = list(yaml.safe_load_all(Path(fake_kubectl["KUBECTL_LOG"] + ".applied").read_text()))
+    assert container(applied)["image"] == "registry.example.com/lp:9"
+    assert not list((K8S / "overlays").glob(".image.*")), "the throw-away kustomization is cleaned up"
+
+
+def test_rollback_undoes_to_a_revision_and_waits(fake_kubectl: dict[str, str]) -> None:
+    out = subprocess.run(
+        [str(K8S / "scripts" / "rollback.sh"), "--to-revision", "3"],
+        env=fake_kubectl,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    ns = f"-n {NAMESPACE}"
+    assert kubectl_calls(fake_kubectl)[1:3] == [
+        f"{ns} rollout undo deployment/loraplex-worker --to-revision=3",
+        f"{ns} rollout status deployment/loraplex-worker --timeout=30m",
+    ]
+
+
+@pytest.mark.slow
+def test_monitor_reads_each_worker_through_the_pod_proxy(
+    local_worker: dict[str, str], fake_kubectl: dict[str, str]
+) -> None:
+    env = fake_kubectl | {"WORKER_URL": local_worker["main"]}
+    out = subprocess.run(
+        [str(K8S / "scripts" / "monitor.sh"), "-n", "team-a"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert re.search(r"^loraplex-worker-a\s+\d+\s+\d+\s+[\d.]+%", out.stdout, flags=re.M), out.stdout
+    assert "get --raw /api/v1/namespaces/team-a/pods/loraplex-worker-b:11434/proxy/metrics" in " ".join(
+        kubectl_calls(env)
+    )

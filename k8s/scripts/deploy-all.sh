@@ -109,6 +109,15 @@ fi
 if $retire_old && kubectl get namespace "$namespace" >/dev/null 2>&1; then
   echo "==> scaling the old Ollama Deployments in $namespace to 0"
   kubectl -n "$namespace" scale deployment -l app.kubernetes.io/name=ollama --replicas=0 || true
+  # An old Service keeps selector keys that apply cannot see unless apply created it: recreate any that
+  # still selects Ollama pods, so it selects the workers only.
+  for name in base chatbot code summarization; do
+    selects="$(kubectl -n "$namespace" get service "ollama-$name" --ignore-not-found \
+      -o jsonpath='{.spec.selector.app\.kubernetes\.io/name}')"
+    if [[ "$selects" == ollama ]]; then
+      kubectl -n "$namespace" delete service "ollama-$name"
+    fi
+  done
 fi
 
 echo "==> applying"
