@@ -302,8 +302,9 @@ def test_worker_probes_drain_and_hardening(
 
     pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    grace = getattr(config.server, "grace_period", 0)
-    assert pod["terminationGracePeriodSeconds"] > int(pre_stop[1]) + grace, "the kubelet would kill in-flight work"
+    assert pod["terminationGracePeriodSeconds"] > int(pre_stop[1]) + config.server.grace_period, (
+        "the kubelet would kill in-flight work"
+    )
 
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] >= 10000
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
