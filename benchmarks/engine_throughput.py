@@ -236,6 +236,7 @@ class SystemResult:
     latency_s: dict = field(default_factory=dict)  # from submission (all at once) to each request's finish
     extra: dict = field(default_factory=dict)
     outputs: dict[str, list[int]] = field(default_factory=dict, repr=False)  # request id -> token ids
+    load_average: float = field(default_factory=lambda: round(os.getloadavg()[0], 2))  # others' work adds noise
 
     @property
     def tokens_per_s(self) -> float:
@@ -251,6 +252,7 @@ class SystemResult:
             "threads": self.threads,
             "memory": self.memory,
             "latency_s": self.latency_s,
+            "load_average_1min_at_end": self.load_average,
             **self.extra,
         }
         if reference is not None and reference is not self and reference.outputs:
@@ -754,6 +756,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "thread_sweep": sweep,
         "targets": evaluate_targets(results, memory),
         "table": markdown_table(results),
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
