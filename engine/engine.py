@@ -167,6 +167,7 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self.tracked)
 
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one iteration: schedule, prepare tensors, forward, sample, postprocess."""
         scheduled = self.scheduler.schedule()
