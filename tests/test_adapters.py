@@ -14,8 +14,11 @@ from engine.errors import AdapterError
 from engine.lora.config import load_adapter
 from tests.conftest import ADAPTERS
 
-SHAPES = {f"model.layers.{i}.self_attn.{p}": (576, 576 if p in ("q_proj", "o_proj") else 192)
-          for i in range(30) for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+SHAPES = {
+    f"model.layers.{i}.self_attn.{p}": (576, 576 if p in ("q_proj", "o_proj") else 192)
+    for i in range(30)
+    for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+}
 SHAPES |= {f"model.layers.{i}.mlp.{p}": (576, 1536) for i in range(30) for p in ("gate_proj", "up_proj")}
 SHAPES |= {f"model.layers.{i}.mlp.down_proj": (1536, 576) for i in range(30)}
 
@@ -35,7 +38,11 @@ def edit_config(path: Path, **changes: object) -> None:
 
 def test_shipped_adapters_load_with_their_ranks_targets_and_scaling() -> None:
     chatbot = load_adapter("chatbot", ADAPTERS["chatbot"], SHAPES, 64)
-    assert (chatbot.rank, chatbot.scaling, chatbot.target_modules) == (16, 2.0, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert (chatbot.rank, chatbot.scaling, chatbot.target_modules) == (
+        16,
+        2.0,
+        ("q_proj", "k_proj", "v_proj", "o_proj"),
+    )
     summ = load_adapter("summarization", ADAPTERS["summarization"], SHAPES, 64)
     assert summ.scaling == 8 / 4**0.5  # rsLoRA: alpha / sqrt(r)
     code = load_adapter("code", ADAPTERS["code"], SHAPES, 64)

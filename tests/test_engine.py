@@ -60,7 +60,7 @@ def test_bad_requests_are_refused_and_the_engine_keeps_serving(engine: LLMEngine
     assert len(tokens(out["ok"])) == 4
 
 
-def test_queue_bound_refuses_past_max_waiting(make_engine) -> None:  # noqa: ANN001
+def test_queue_bound_refuses_past_max_waiting(make_engine) -> None:
     engine = make_engine(max_waiting=2)
     ids = prompt(engine)
     engine.add_request(Request("a", "base", ids))

@@ -25,7 +25,7 @@ QUESTIONS = [
 ]
 
 
-def build_prompts(tokenizer) -> list[list[int]]:  # noqa: ANN001
+def build_prompts(tokenizer) -> list[list[int]]:
     chats = [
         tokenizer.encode(
             tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
@@ -41,7 +41,7 @@ def build_prompts(tokenizer) -> list[list[int]]:  # noqa: ANN001
     return [one_token, *chats, medium, long_doc]
 
 
-def run_and_compare(engine: LLMEngine, oracle, cases: list[tuple[str, list[int]]], stagger: int = 0) -> None:  # noqa: ANN001
+def run_and_compare(engine: LLMEngine, oracle, cases: list[tuple[str, list[int]]], stagger: int = 0) -> None:
     """Submit ``cases`` (the first ``stagger`` of them first, the rest after two steps) and compare each."""
     params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
     requests = [Request(f"req-{i}", ep, list(p), params) for i, (ep, p) in enumerate(cases)]
@@ -77,14 +77,14 @@ def prompts(engine: LLMEngine) -> list[list[int]]:
     return build_prompts(engine.tokenizer)
 
 
-def test_mixed_batch_matches_oracle(engine: LLMEngine, oracle, prompts: list[list[int]]) -> None:  # noqa: ANN001
+def test_mixed_batch_matches_oracle(engine: LLMEngine, oracle, prompts: list[list[int]]) -> None:
     """Every prompt on a different endpoint, all in one batch with the default limits."""
     cases = [(ENDPOINTS[i % 4], p) for i, p in enumerate(prompts)]
     cases += [(ENDPOINTS[(i + 1) % 4], p) for i, p in enumerate(prompts[:4])]
     run_and_compare(engine, oracle, cases)
 
 
-def test_chunked_prefill_preemption_and_late_arrivals_match_oracle(make_engine, oracle, prompts) -> None:  # noqa: ANN001
+def test_chunked_prefill_preemption_and_late_arrivals_match_oracle(make_engine, oracle, prompts) -> None:
     """A 64-token budget splits every long prompt; 40 blocks of 16 cannot hold all of them, so some are
     preempted and recomputed; half the requests arrive after the others started."""
     engine = make_engine(max_num_batched_tokens=64, num_kv_blocks=40, max_model_len=512)

@@ -13,8 +13,16 @@ SLOTS = {"base": 1, "chatbot": 3, "code": 2, "summarization": 1}
 
 
 def make_scheduler(**limits: int) -> Scheduler:
-    config = LimitsConfig(**{"max_num_seqs": 8, "max_num_batched_tokens": 64, "block_size": 4,
-                             "num_kv_blocks": 256, "max_model_len": 256, **limits})
+    config = LimitsConfig(
+        **{
+            "max_num_seqs": 8,
+            "max_num_batched_tokens": 64,
+            "block_size": 4,
+            "num_kv_blocks": 256,
+            "max_model_len": 256,
+            **limits,
+        }
+    )
     return Scheduler(config, dict(SLOTS), BlockManager(config.num_kv_blocks, config.block_size))
 
 

@@ -1,0 +1,97 @@
+"""Health, readiness, Prometheus metrics, and a client that disconnects mid-stream."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from test_server_harness import PROMPT, ServerProcess, shared_server
+
+METRIC_NAMES = [
+    "loraplex_num_requests_waiting",
+    "loraplex_num_requests_running",
+    "loraplex_kv_cache_usage_perc",
+    "loraplex_kv_blocks_used",
+    "loraplex_prompt_tokens_total",
+    "loraplex_generation_tokens_total",
+    "loraplex_preemptions_total",
+    'loraplex_requests_finished_total{reason="length"}',
+    "loraplex_lora_requests_info{",
+    'loraplex_adapter_resident{adapter="chatbot"} 1.0',
+    'loraplex_time_to_first_token_seconds_bucket{endpoint="base"',
+    'loraplex_request_latency_seconds_bucket{endpoint="base"',
+]
+
+
+@pytest.fixture(scope="module")
+def server() -> ServerProcess:
+    return shared_server()
+
+
+def test_health_and_ready(server: ServerProcess) -> None:
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/ready").json() == {"status": "ready"}
+    assert httpx.get(f"{server.chatbot_url}/ready").status_code == 200
+    assert "Ollama is running" in httpx.get(server.url).text
+
+
+def test_metrics(server: ServerProcess) -> None:
+    body = {"model": "base", "prompt": PROMPT, "stream": False, "options": {"num_predict": 2}}
+    before = server.metric("loraplex_generation_tokens_total")
+    assert httpx.post(f"{server.url}/api/generate", json=body, timeout=60).status_code == 200
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in METRIC_NAMES:
+        assert name in text, name
+    assert 'max_lora="4"' in text
+    assert server.metric("loraplex_generation_tokens_total") == before + 2
+    assert 0 <= server.metric("loraplex_kv_cache_usage_perc") <= 1
+
+
+def _wait_idle(server: ServerProcess, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.metric("loraplex_num_requests_running") == 0 and server.metric("loraplex_kv_blocks_used") == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the engine still holds the request or its KV blocks")
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (
+            "/api/chat",
+            {
+                "model": "chatbot",
+                "messages": [{"role": "user", "content": PROMPT}],
+                "options": {"num_predict": 400, "temperature": 0},
+            },
+        ),
+        (
+            "/v1/completions",
+            {"model": "code", "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True},
+        ),
+    ],
+)
+def test_disconnect_aborts_and_frees_blocks(server: ServerProcess, path: str, body: dict) -> None:
+    _wait_idle(server)
+    aborted = 'loraplex_requests_finished_total{reason="abort"}'
+    text = httpx.get(f"{server.url}/metrics").text
+    before = next((float(line.split()[1]) for line in text.splitlines() if line.startswith(aborted)), 0.0)
+    with httpx.Client(timeout=60) as client, client.stream("POST", server.url + path, json=body) as response:
+        assert response.status_code == 200
+        first = next(response.iter_lines())  # one chunk arrived: the request is running
+        import pathlib; pathlib.Path("/tmp/lp_dbg.txt").write_text(first + "\n" + httpx.get(f"{server.url}/metrics").text + server.log())
+        assert server.metric("loraplex_kv_blocks_used") > 0, (
+            first,
+            [
+                l
+                for l in httpx.get(f"{server.url}/metrics").text.splitlines()
+                if l.startswith(("loraplex_kv", "loraplex_num", "loraplex_requests_finished"))
+            ],
+        )
+    _wait_idle(server)  # leaving the with-block closed the connection
+    text = httpx.get(f"{server.url}/metrics").text
+    after = next(float(line.split()[1]) for line in text.splitlines() if line.startswith(aborted))
+    assert after == before + 1
