@@ -1,0 +1,50 @@
+"""Configuration: the shipped default, env overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.config import load_config
+from engine.errors import ConfigError
+
+
+def test_default_config_has_the_four_endpoints_with_the_old_replica_counts() -> None:
+    config = load_config()
+    assert {e.name: e.slots for e in config.endpoints} == {"base": 1, "chatbot": 3, "code": 2, "summarization": 1}
+    assert config.endpoint("llama3").name == "base"
+    assert all(Path(e.adapter).is_dir() for e in config.endpoints if e.adapter)
+
+
+def test_env_overrides_a_scalar(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORAPLEX_LIMITS_MAX_NUM_SEQS", "12")
+    monkeypatch.setenv("LORAPLEX_MODEL_DTYPE", "bfloat16")
+    config = load_config()
+    assert config.limits.max_num_seqs == 12 and config.model.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[model]\ndtype = 'float8'\n", "model.dtype"),
+        ("[model]\nquantization = 'gptq'\n", "model.quantization"),
+        ("[limits]\nmax_num_seqs = 0\n", "limits.max_num_seqs"),
+        ("[limits]\nmax_model_len = 99999\n", "max_model_len"),
+        (
+            "[limits]\nmax_loras = 2\n[[endpoints]]\nname='a'\nadapter='x'\n[[endpoints]]\nname='b'\nadapter='y'\n"
+            "[[endpoints]]\nname='c'\nadapter='z'\n",
+            "max_loras",
+        ),
+        ("[limits]\nmax_num_seqs = 2\n[[endpoints]]\nname='a'\nslots=3\n", "max_num_seqs"),
+        ("[[endpoints]]\nname='a'\n[[endpoints]]\nname='a'\n", "used twice"),
+        ("[modle]\n", "unknown section"),
+        ("[limits]\nmax_seqs = 3\n", "unknown key"),
+        ("[model\n", "cannot read config"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)

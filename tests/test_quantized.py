@@ -1,0 +1,50 @@
+"""A bitsandbytes 4-bit (nf4) base with LoRA attached before any forward equals PEFT on the same base."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.loader import load_model
+from engine.sequence import Request, SamplingParams
+from tests.conftest import ADAPTERS
+
+NEW_TOKENS = 16
+
+
+def test_nf4_base_with_mixed_adapters_matches_peft_on_the_same_quantized_base(default_config: EngineConfig) -> None:
+    from peft import PeftModel
+
+    config = dataclasses.replace(default_config, model=dataclasses.replace(default_config.model, quantization="nf4"))
+    engine = LLMEngine(config)
+    layer = engine.lora.layers["model.layers.0.self_attn.q_proj"].base_layer
+    assert type(layer).__name__ == "Linear4bit"
+
+    # The oracle: a fresh nf4 base; PEFT attaches its LoRA layers before the base runs any forward pass.
+    base = load_model(config.model).model
+    oracle = PeftModel.from_pretrained(base, str(ADAPTERS["chatbot"]), adapter_name="chatbot")
+    oracle.load_adapter(str(ADAPTERS["code"]), adapter_name="code")
+    oracle.eval()
+
+    chat = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Name three uses of a paperclip."}], add_generation_prompt=True, tokenize=False
+    )
+    ids = engine.encode_prompt(chat)
+    endpoints = ["base", "chatbot", "code"]
+    params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+    results = engine.generate([Request(ep, ep, list(ids), params) for ep in endpoints])
+    for endpoint in endpoints:
+        got = [t for o in results[endpoint] for t in o.new_token_ids]
+        x = torch.tensor([ids])
+        kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=2)
+        with torch.inference_mode():
+            if endpoint == "base":
+                with oracle.disable_adapter():
+                    want = oracle.generate(x, attention_mask=torch.ones_like(x), **kwargs)[0, len(ids) :].tolist()
+            else:
+                oracle.set_adapter(endpoint)
+                want = oracle.generate(x, attention_mask=torch.ones_like(x), **kwargs)[0, len(ids) :].tolist()
+        assert got == want, f"{endpoint}: engine {got} vs PEFT {want}"
