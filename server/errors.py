@@ -45,7 +45,7 @@ class APIError(Exception):
 
 
 def unsupported(feature: str, param: str) -> APIError:
-    return APIError(400, f"{feature} is not supported yet by loraplex; remove {param!r} from the request", param=param)
+    return APIError(400, f"loraplex does not support {feature} yet; remove {param!r} from the request", param=param)
 
 
 def describe_validation(error: ValidationError | RequestValidationError) -> tuple[str, str | None]:
@@ -75,7 +75,7 @@ def to_api_error(exc: Exception) -> APIError:
         message, param = describe_validation(exc)
         return APIError(400, message, param=param)
     if isinstance(exc, StarletteHTTPException):
-        return APIError(exc.status_code, str(exc.detail))
+        return APIError(exc.status_code, str(exc.detail))  # unknown route (404) or method (405)
     log.error("unexpected error", exc_info=exc)
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}")
 
