@@ -106,17 +106,17 @@ async def serve(config: EngineConfig) -> None:
         )
         for port in state.router.ports
     ]
-    stop = asyncio.Event()
+    stop, force = asyncio.Event(), asyncio.Event()  # a second signal cuts the drain short
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda: force.set() if stop.is_set() else stop.set())
     tasks = [asyncio.create_task(listener.serve()) for listener in listeners]
     try:
         await asyncio.to_thread(state.load)
         log.info("listening on %s; serving %s", _where(config, state), _what(config))
         await stop.wait()
         log.info("shutting down: refusing new requests, %d in flight", state.in_flight)
-        await _drain(state, config.server.grace_period)
+        await _drain(state, config.server.grace_period, force)
     finally:
         state.shutting_down = True
         for listener in listeners:
@@ -126,13 +126,13 @@ async def serve(config: EngineConfig) -> None:
     log.info("stopped")
 
 
-async def _drain(state: ServerState, grace_period: float) -> None:
+async def _drain(state: ServerState, grace_period: float, force: asyncio.Event) -> None:
     state.shutting_down = True
     deadline = time.monotonic() + grace_period
-    while state.in_flight and time.monotonic() < deadline:
+    while state.in_flight and time.monotonic() < deadline and not force.is_set():
         await asyncio.sleep(0.05)
     if state.in_flight:
-        log.warning("grace period of %.0f s over; cutting %d request(s) short", grace_period, state.in_flight)
+        log.warning("drain cut short (grace period %.0f s); ending %d request(s)", grace_period, state.in_flight)
 
 
 def _where(config: EngineConfig, state: ServerState) -> str:

@@ -8,10 +8,15 @@ aborts its request and frees its KV blocks.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
+
+from fastapi import Request as HTTPRequest
 
 from engine.engine import RequestOutput
 from engine.errors import RequestError
@@ -20,6 +25,7 @@ from server.errors import APIError
 from server.state import ServerState
 
 NS = 1_000_000_000
+T = TypeVar("T")
 
 
 def request_id(prefix: str) -> str:
@@ -92,6 +98,24 @@ async def _prepend(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> 
     yield first
     async for out in rest:
         yield out
+
+
+async def unless_disconnected(request: HTTPRequest, work: Awaitable[T], poll_s: float = 0.25) -> T:
+    """Await ``work`` but cancel it if the client goes away: a non-streaming request (or a stream still
+    waiting for its first token) is aborted in the engine instead of running on for nobody."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise APIError(499, "the client closed the request")
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 async def collect(outputs: AsyncIterator[RequestOutput]) -> Completed:

@@ -22,7 +22,7 @@ from engine.errors import RequestError
 from engine.sequence import FinishReason
 from server import catalog
 from server.errors import APIError
-from server.generation import Timings, collect, context_limit, request_id, start
+from server.generation import Timings, collect, context_limit, request_id, start, unless_disconnected
 from server.ollama_params import DEFAULTS, refuse_unsupported, sampling_params
 from server.prompts import render_chat, render_generate
 from server.schemas import (
@@ -106,10 +106,11 @@ async def generate(request: Request) -> Any:
     prompt_ids = [*(body.context or []), *engine.encode_prompt(text)]
     options = body.options
     params = sampling_params(options, len(prompt_ids), context_limit(state, options.num_ctx if options else None))
-    outputs = await start(state, endpoint, prompt_ids, params, arrival, request_id("gen"))
+    rid = request_id("gen")
+    outputs = await unless_disconnected(request, start(state, endpoint, prompt_ids, params, arrival, rid))
     if body.stream:
         return _ndjson(body.model, outputs, chat=False, prompt_ids=prompt_ids)
-    done = await collect(outputs)
+    done = await unless_disconnected(request, collect(outputs))
     return {
         "model": body.model,
         "created_at": _now(),
@@ -131,10 +132,11 @@ async def chat(request: Request) -> Any:
     prompt_ids = engine.encode_prompt(render_chat(engine.tokenizer, messages))
     options = body.options
     params = sampling_params(options, len(prompt_ids), context_limit(state, options.num_ctx if options else None))
-    outputs = await start(state, endpoint, prompt_ids, params, arrival, request_id("chat"))
+    rid = request_id("chat")
+    outputs = await unless_disconnected(request, start(state, endpoint, prompt_ids, params, arrival, rid))
     if body.stream:
         return _ndjson(body.model, outputs, chat=True, prompt_ids=prompt_ids)
-    done = await collect(outputs)
+    done = await unless_disconnected(request, collect(outputs))
     return {
         "model": body.model,
         "created_at": _now(),

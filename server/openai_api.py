@@ -19,7 +19,7 @@ from engine.engine import RequestOutput
 from engine.sequence import FinishReason, SamplingParams
 from server import catalog
 from server.errors import APIError, error_body, unsupported
-from server.generation import collect, context_limit, max_new_tokens, request_id, start
+from server.generation import collect, context_limit, max_new_tokens, request_id, start, unless_disconnected
 from server.prompts import render_chat
 from server.schemas import ChatCompletionRequest, CompletionRequest, OpenAIMessage, parse_body
 from server.state import ServerState
@@ -142,12 +142,12 @@ async def chat_completions(request: Request) -> Any:
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = _sampling(body, max_tokens, len(prompt_ids), context_limit(state))
     rid = request_id("chatcmpl")
-    outputs = await start(state, endpoint, prompt_ids, params, arrival, rid)
+    outputs = await unless_disconnected(request, start(state, endpoint, prompt_ids, params, arrival, rid))
     base = {"id": rid, "created": int(time.time()), "model": body.model, "system_fingerprint": None}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _event_stream(outputs, base | {"object": "chat.completion.chunk"}, True, include_usage, "/v1")
-    done = await collect(outputs)
+    done = await unless_disconnected(request, collect(outputs))
     message = {"role": "assistant", "content": done.text, "refusal": None}
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish_reason(done.last)}
     return base | {"object": "chat.completion", "choices": [choice], "usage": _usage(done.last)}
@@ -185,7 +185,7 @@ async def completions(request: Request) -> Any:
     prompt_ids = _completion_prompt(state, body)
     params = _sampling(body, body.max_tokens, len(prompt_ids), context_limit(state))
     rid = request_id("cmpl")
-    outputs = await start(state, endpoint, prompt_ids, params, arrival, rid)
+    outputs = await unless_disconnected(request, start(state, endpoint, prompt_ids, params, arrival, rid))
     base = {
         "id": rid,
         "object": "text_completion",
@@ -196,7 +196,7 @@ async def completions(request: Request) -> Any:
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _event_stream(outputs, base, False, include_usage, "/v1")
-    done = await collect(outputs)
+    done = await unless_disconnected(request, collect(outputs))
     choice = {"index": 0, "text": done.text, "logprobs": None, "finish_reason": _finish_reason(done.last)}
     return base | {"choices": [choice], "usage": _usage(done.last)}
 

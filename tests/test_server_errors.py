@@ -7,6 +7,9 @@ import openai
 import pytest
 from test_server_harness import PROMPT, ServerProcess, shared_server
 
+from engine.errors import AdapterError, EngineDeadError, QueueFullError, RequestError, UnknownEndpointError
+from server.errors import error_body, to_api_error
+
 USER = [{"role": "user", "content": PROMPT}]
 
 
@@ -54,6 +57,25 @@ def test_bad_json_on_both_apis(server: ServerProcess) -> None:
     assert error["type"] == "invalid_request_error"
     not_object = httpx.post(f"{server.url}/api/generate", json=["model", "base"])
     assert not_object.status_code == 400 and "JSON object" in not_object.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (UnknownEndpointError("model 'x' is not served here"), 404),
+        (RequestError("top_p = 2 is invalid; use a value in (0, 1]"), 400),
+        (AdapterError("adapter 'a': r = 0"), 400),
+        (QueueFullError("the waiting queue is full"), 503),
+        (EngineDeadError("the engine loop has stopped"), 503),
+    ],
+)
+def test_engine_errors_map_to_statuses(error: Exception, status: int) -> None:
+    """The mapping itself, for the errors a healthy test server cannot be made to raise (full queue, dead loop)."""
+    api_error = to_api_error(error)
+    assert api_error.status == status and api_error.message == str(error)
+    assert ("Retry-After" in api_error.headers) == isinstance(error, QueueFullError)
+    assert error_body(api_error, "/api/chat") == {"error": str(error)}
+    assert error_body(api_error, "/v1/completions")["error"]["message"] == str(error)
 
 
 def _openai_error(server: ServerProcess, **kwargs: object) -> openai.APIStatusError:

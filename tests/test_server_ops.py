@@ -57,6 +57,12 @@ def _wait_idle(server: ServerProcess, timeout: float = 30) -> None:
     raise AssertionError("the engine still holds the request or its KV blocks")
 
 
+def _aborted(server: ServerProcess) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    prefix = 'loraplex_requests_finished_total{reason="abort"} '
+    return next((float(line.split()[1]) for line in text.splitlines() if line.startswith(prefix)), 0.0)
+
+
 @pytest.mark.parametrize(
     ("path", "body"),
     [
@@ -76,15 +82,22 @@ def _wait_idle(server: ServerProcess, timeout: float = 30) -> None:
 )
 def test_disconnect_aborts_and_frees_blocks(server: ServerProcess, path: str, body: dict) -> None:
     _wait_idle(server)
-    aborted = 'loraplex_requests_finished_total{reason="abort"}'
-    text = httpx.get(f"{server.url}/metrics").text
-    before = next((float(line.split()[1]) for line in text.splitlines() if line.startswith(aborted)), 0.0)
+    before = _aborted(server)
     with httpx.Client(timeout=60) as client, client.stream("POST", server.url + path, json=body) as response:
         assert response.status_code == 200
         lines = response.iter_lines()  # kept: dropping an httpx line iterator closes the connection
         first = next(lines)  # one chunk arrived: the request is running
         assert server.metric("loraplex_kv_blocks_used") > 0, first
     _wait_idle(server)  # leaving the with-block closed the connection
-    text = httpx.get(f"{server.url}/metrics").text
-    after = next(float(line.split()[1]) for line in text.splitlines() if line.startswith(aborted))
-    assert after == before + 1
+    assert _aborted(server) == before + 1
+
+
+def test_disconnect_while_waiting_for_a_whole_response_aborts(server: ServerProcess) -> None:
+    """A non-streaming request is aborted too when its client gives up (here: a 1.5 s read timeout)."""
+    _wait_idle(server)
+    before = _aborted(server)
+    body = {"model": "chatbot", "prompt": PROMPT, "stream": False, "options": {"num_predict": 400, "temperature": 0}}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/api/generate", json=body, timeout=1.5)
+    _wait_idle(server)
+    assert _aborted(server) == before + 1
