@@ -8,8 +8,6 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-import torch
-
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.engine import LLMEngine, RequestOutput
@@ -52,9 +50,7 @@ class ServerState:
 
     def _locked(self, step: Callable[[], list[RequestOutput]]) -> Callable[[], list[RequestOutput]]:
         def locked_step() -> list[RequestOutput]:
-            # inference_mode around the whole step works around an engine bug: the sampler's penalties
-            # update the logits (an inference tensor from the runner) in place outside inference mode.
-            with self.model_lock, torch.inference_mode():
+            with self.model_lock:
                 return step()
 
         return locked_step
