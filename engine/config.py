@@ -119,9 +119,6 @@ class EngineConfig:
                 f"endpoint slots add up to {guaranteed} but limits.max_num_seqs = "
                 f"{self.limits.max_num_seqs}; raise max_num_seqs or lower the slots"
             )
-        adapters = {e.adapter for e in self.endpoints if e.adapter}
-        if len(adapters) > self.limits.max_loras:
-            raise ConfigError(f"{len(adapters)} endpoints have adapters but limits.max_loras = {self.limits.max_loras}")
 
     def endpoint(self, name: str) -> EndpointConfig | None:
         """The endpoint a model name (or alias) reaches, or None."""

@@ -11,6 +11,7 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.engine import LLMEngine
+from engine.errors import QueueFullError
 from engine.kv_cache import KVCache
 from engine.runner import ModelRunner
 from engine.scheduler import ScheduledChunk
@@ -30,17 +31,34 @@ def embed(engine: LLMEngine, token_ids_list: list[list[int]], endpoint: str) -> 
     )
     block_manager = BlockManager(num_blocks, block_size)
     runner = ModelRunner(engine.model, engine.lora, kv_cache, block_manager)
+    adapter = engine.endpoint_adapters[name]
+    slot = _acquire_slot(engine, adapter) if adapter else 0
     chunks = []
     for i, ids in enumerate(token_ids_list):
         request = Request(f"embed-{i}", name, list(ids), SamplingParams(max_tokens=1))
-        seq = Sequence(request, engine.endpoint_slots[name])
+        seq = Sequence(request, lora_name=adapter, lora_slot=slot)
         assert block_manager.may_allocate(seq.seq_id, len(ids)), "the cache was sized for every input"
         chunks.append(ScheduledChunk(seq, len(ids)))
-    inputs = runner.prepare_inputs(chunks)
-    _, hidden = runner.execute(inputs)  # [T, hidden]
+    try:
+        inputs = runner.prepare_inputs(chunks)
+        _, hidden = runner.execute(inputs)  # [T, hidden]
+    finally:
+        if adapter:
+            engine.lora.slots.release(adapter)
     vectors, start = {}, 0
     for chunk in inputs.sampled_chunks:  # the runner's token order; every chunk is a whole prompt, so all sample
         rows = hidden[start : start + chunk.num_tokens].float()
         vectors[chunk.seq.seq_id] = torch.nn.functional.normalize(rows.mean(dim=0), dim=0)
         start += chunk.num_tokens
     return [vectors[f"embed-{i}"].tolist() for i in range(len(token_ids_list))]
+
+
+def _acquire_slot(engine: LLMEngine, adapter: str) -> int:
+    """Make ``adapter`` resident for this forward pass, as the scheduler would for a sequence."""
+    resident = adapter in engine.lora.slot_of
+    acquired = engine.lora.slots.acquire(adapter)
+    if acquired is None:
+        raise QueueFullError(f"every LoRA slot is in use; retry shortly to embed with adapter {adapter!r}")
+    if not resident:
+        engine.lora.load_slot(adapter, acquired[0])
+    return acquired[0]

@@ -16,9 +16,10 @@ from engine.attention import register_paged_attention
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
-from engine.errors import QueueFullError, RequestError, UnknownEndpointError
+from engine.errors import AdapterError, QueueFullError, RequestError, UnknownEndpointError
 from engine.kv_cache import KVCache
 from engine.loader import LoadedModel, load_model
+from engine.lora.config import LoRAAdapter
 from engine.lora.manager import LoRAManager
 from engine.runner import ModelRunner
 from engine.sampling import Sampler
@@ -79,13 +80,12 @@ class LLMEngine:
         dtype = getattr(torch, config.model.dtype)
         # LoRA layers go on before the first forward pass (bitsandbytes 4-bit repacks weights on it).
         self.lora = LoRAManager(self.model, limits.max_loras, limits.max_lora_rank, dtype)
-        self.endpoint_slots: dict[str, int] = {}  # endpoint name -> LoRA slot (0 = base)
+        self.endpoint_adapters: dict[str, str | None] = {}  # endpoint -> adapter name (None = base)
         for endpoint in config.endpoints:
+            self.endpoint_adapters[endpoint.name] = endpoint.name if endpoint.adapter else None
             if endpoint.adapter:
-                self.lora.register(endpoint.name, endpoint.adapter)
-                self.endpoint_slots[endpoint.name] = self.lora.activate(endpoint.name)
-            else:
-                self.endpoint_slots[endpoint.name] = 0
+                self.lora.adapters[endpoint.name] = self.lora.read(endpoint.name, endpoint.adapter)
+        self.retired_adapters: set[str] = set()  # unloaded, but still used by unfinished requests
         self.model.set_attn_implementation(register_paged_attention())
         text_config = self.model.config.get_text_config()
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
@@ -99,7 +99,9 @@ class LLMEngine:
             dtype,
             config.model.device,
         )
-        self.scheduler = Scheduler(limits, {e.name: e.slots for e in config.endpoints}, self.block_manager)
+        self.scheduler = Scheduler(
+            limits, {e.name: e.slots for e in config.endpoints}, self.block_manager, self.lora.slots
+        )
         self.runner = ModelRunner(self.model, self.lora, self.kv_cache, self.block_manager)
         self.sampler = Sampler()
         self.eos_token_ids = self._eos_token_ids()
@@ -116,12 +118,42 @@ class LLMEngine:
     # ---- public API -------------------------------------------------------------------------------------
 
     def resolve_endpoint(self, model: str) -> str:
-        """The endpoint name a model name or alias reaches; raises UnknownEndpointError listing what exists."""
+        """The endpoint a model name or alias reaches; raises UnknownEndpointError listing what exists."""
         endpoint = self.config.endpoint(model)
-        if endpoint is None:
-            served = ", ".join(e.name for e in self.config.endpoints)
+        name = endpoint.name if endpoint is not None else model
+        if name not in self.endpoint_adapters:
+            served = ", ".join(self.endpoint_adapters)
             raise UnknownEndpointError(f"model {model!r} is not served here; use one of: {served}")
-        return endpoint.name
+        return name
+
+    def add_adapter(self, adapter: LoRAAdapter, slots: int = 0) -> None:
+        """Serve an adapter read with ``lora.read`` as an endpoint of its own name (engine thread only).
+
+        It becomes resident when a request first needs it; ``slots`` is its guaranteed concurrency.
+        """
+        if adapter.name in self.endpoint_adapters or self.config.endpoint(adapter.name) is not None:
+            raise AdapterError(f"adapter {adapter.name!r}: the name is already served; unload it first")
+        self.retired_adapters.discard(adapter.name)
+        self.lora.adapters[adapter.name] = adapter
+        self.endpoint_adapters[adapter.name] = adapter.name
+        self.scheduler.endpoint_slots[adapter.name] = slots
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving an adapter endpoint (engine thread only). Requests already submitted finish with it."""
+        if self.endpoint_adapters.get(name) is None:
+            raise UnknownEndpointError(f"{name!r} is not a served adapter")
+        del self.endpoint_adapters[name]
+        self.retired_adapters.add(name)
+        self._drop_retired()
+
+    def _drop_retired(self) -> None:
+        in_use = {t.seq.lora_name for t in self.tracked.values()}
+        for name in self.retired_adapters - in_use:
+            slot = self.lora.slots.evict(name)
+            if slot is not None:
+                self.lora.clear_slot(slot)
+            del self.lora.adapters[name]
+            self.retired_adapters.discard(name)
 
     def validate(self, request: Request) -> None:
         """Check a request without touching engine state (safe from any thread)."""
@@ -149,7 +181,7 @@ class LLMEngine:
             )
         endpoint = self.resolve_endpoint(request.endpoint)
         request.endpoint = endpoint
-        seq = Sequence(request=request, lora_slot=self.endpoint_slots[endpoint])
+        seq = Sequence(request=request, lora_name=self.endpoint_adapters[endpoint])
         generator = torch.Generator(device=self.kv_cache.key_cache[0].device)
         seed = request.params.seed
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
@@ -177,6 +209,8 @@ class LLMEngine:
         for chunk in scheduled.chunks:
             chunk.seq.first_scheduled_time = chunk.seq.first_scheduled_time or now
         try:
+            for name, slot in scheduled.lora_loads:  # host -> slot copies; the disk was read at registration
+                self.lora.load_slot(name, slot)
             inputs = self.runner.prepare_inputs(scheduled.chunks)
             logits, _ = self.runner.execute(inputs)
             seqs = [c.seq for c in inputs.sampled_chunks]
@@ -254,6 +288,8 @@ class LLMEngine:
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
         seq.output_text = tracked.detokenizer.text
         del self.tracked[seq.seq_id]
+        if self.retired_adapters:
+            self._drop_retired()
         self.stats.requests_finished[reason.value] = self.stats.requests_finished.get(reason.value, 0) + 1
         out = self._output(seq, new_tokens, delta)
         out.error, out.finish_time = error, time.monotonic()

@@ -6,7 +6,8 @@ Policy, in order, every step:
    the newest sequence of an endpoint that is borrowing (running more than its slots).
 2. Running sequences, oldest first, each get their next chunk (one token when decoding) within the token
    budget; when blocks run out the newest running sequence is preempted (its blocks freed, recomputed later).
-3. Waiting sequences are admitted in arrival order while the budget, ``max_num_seqs`` and free blocks allow.
+3. Waiting sequences are admitted in arrival order while the budget, ``max_num_seqs``, free blocks and LoRA
+   slots allow (an adapter not resident takes a free slot or the least recently used idle one).
    An endpoint below its slots is always admissible; one at or above them may borrow idle capacity only
    while enough stays free for every other endpoint that has work waiting and is below its slots. A request
    that cannot be admitted does not block requests of other endpoints behind it.
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
 from engine.config import LimitsConfig
+from engine.lora.slots import SlotTable
 from engine.sequence import Sequence, SequenceStatus
 
 
@@ -38,6 +40,7 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    lora_loads: list[tuple[str, int]] = field(default_factory=list)  # (adapter, slot) to write before the forward
 
     @property
     def num_batched_tokens(self) -> int:
@@ -45,11 +48,18 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, limits: LimitsConfig, endpoint_slots: dict[str, int], block_manager: BlockManager) -> None:
+    def __init__(
+        self,
+        limits: LimitsConfig,
+        endpoint_slots: dict[str, int],
+        block_manager: BlockManager,
+        lora_slots: SlotTable | None = None,
+    ) -> None:
         self.max_num_seqs = limits.max_num_seqs
         self.max_num_batched_tokens = limits.max_num_batched_tokens
-        self.endpoint_slots = endpoint_slots
+        self.endpoint_slots = endpoint_slots  # endpoint -> guaranteed concurrency
         self.block_manager = block_manager
+        self.lora_slots = lora_slots or SlotTable(limits.max_loras)  # adapter residency
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # oldest first
         self.running_per_endpoint: Counter[str] = Counter()
@@ -65,8 +75,7 @@ class Scheduler:
     def remove(self, seq: Sequence) -> None:
         """Take a finished or aborted sequence out and free its blocks."""
         if seq in self.running:
-            self.running.remove(seq)
-            self.running_per_endpoint[seq.endpoint] -= 1
+            self._stop_running(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq.seq_id)
@@ -82,14 +91,32 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Preemption by recompute: drop the KV blocks; the sequence re-enters at the front of the queue."""
-        self.running.remove(seq)
-        self.running_per_endpoint[seq.endpoint] -= 1
+        self._stop_running(seq)
         self.block_manager.free(seq.seq_id)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
+
+    def _stop_running(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.running_per_endpoint[seq.endpoint] -= 1
+        if seq.lora_name is not None:
+            self.lora_slots.release(seq.lora_name)
+
+    def _start_running(self, seq: Sequence, out: SchedulerOutput) -> None:
+        if seq.lora_name is not None:
+            resident = seq.lora_name in self.lora_slots.slot_of
+            acquired = self.lora_slots.acquire(seq.lora_name)
+            assert acquired is not None, "checked with can_acquire"
+            seq.lora_slot = acquired[0]
+            if not resident:
+                out.lora_loads.append((seq.lora_name, seq.lora_slot))
+        self.waiting.remove(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        self.running_per_endpoint[seq.endpoint] += 1
 
     def _is_borrowing(self, endpoint: str) -> bool:
         return self.running_per_endpoint[endpoint] > self.endpoint_slots.get(endpoint, 0)
@@ -145,12 +172,11 @@ class Scheduler:
                 return
             if not self._can_admit(seq.endpoint):
                 continue
+            if seq.lora_name is not None and not self.lora_slots.can_acquire(seq.lora_name):
+                continue  # every adapter slot is held by running sequences; others may still fit
             num_tokens = min(seq.num_uncomputed_tokens, budget)
             if not self.block_manager.may_allocate(seq.seq_id, num_tokens):
                 return  # out of KV blocks: wait for running sequences to finish
-            self.waiting.remove(seq)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            self.running_per_endpoint[seq.endpoint] += 1
+            self._start_running(seq, out)
             out.chunks.append(ScheduledChunk(seq, num_tokens))
             budget -= num_tokens

@@ -78,7 +78,8 @@ class Sequence:
     """A request being served: its tokens, how many of them the KV cache holds, and its adapter slot."""
 
     request: Request
-    lora_slot: int  # 0 = base
+    lora_name: str | None = None  # the adapter of the request's endpoint; None = base
+    lora_slot: int = 0  # where that adapter is resident while the sequence runs; 0 = base
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     status: SequenceStatus = SequenceStatus.WAITING

@@ -98,7 +98,7 @@ class ModelEntry:
             "rank": adapter.rank,
             "scaling": adapter.scaling,
             "target_modules": list(adapter.target_modules),
-            "slot": self.engine.endpoint_slots[self.endpoint.name],
+            "slot": self.engine.lora.slot_of.get(adapter.name),
             "resident": adapter.name in self.engine.lora.slot_of,
         }
 

@@ -31,11 +31,6 @@ def test_env_overrides_a_scalar(monkeypatch: pytest.MonkeyPatch) -> None:
         ("[model]\nquantization = 'gptq'\n", "model.quantization"),
         ("[limits]\nmax_num_seqs = 0\n", "limits.max_num_seqs"),
         ("[limits]\nmax_model_len = 99999\n", "max_model_len"),
-        (
-            "[limits]\nmax_loras = 2\n[[endpoints]]\nname='a'\nadapter='x'\n[[endpoints]]\nname='b'\nadapter='y'\n"
-            "[[endpoints]]\nname='c'\nadapter='z'\n",
-            "max_loras",
-        ),
         ("[limits]\nmax_num_seqs = 2\n[[endpoints]]\nname='a'\nslots=3\n", "max_num_seqs"),
         ("[[endpoints]]\nname='a'\n[[endpoints]]\nname='a'\n", "used twice"),
         ("[modle]\n", "unknown section"),

@@ -27,7 +27,7 @@ def make_scheduler(**limits: int) -> Scheduler:
 
 
 def seq(request_id: str, endpoint: str = "base", prompt_len: int = 8) -> Sequence:
-    return Sequence(Request(request_id, endpoint, list(range(1, prompt_len + 1))), lora_slot=0)
+    return Sequence(Request(request_id, endpoint, list(range(1, prompt_len + 1))))
 
 
 def run_step(scheduler: Scheduler, out: SchedulerOutput, max_tokens: int = 4) -> list[Sequence]:

@@ -11,21 +11,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.errors import AdapterError
 from engine.lora.config import LORA_TARGETS, LoRAAdapter, load_adapter
 from engine.lora.layers import LoRABatch, MultiLoRALinear
+from engine.lora.slots import SlotTable
 
 
 class LoRAManager:
-    """Owns the multi-LoRA layers of one model and which adapter sits in which slot."""
+    """Owns the multi-LoRA layers of one model, the registered adapters, and writing them into slots."""
 
     def __init__(self, model: nn.Module, max_loras: int, max_lora_rank: int, dtype: torch.dtype) -> None:
         self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank
         self.batch = LoRABatch()
         self.layers: dict[str, MultiLoRALinear] = {}
-        self.adapters: dict[str, LoRAAdapter] = {}  # registered, by name
-        self.slot_of: dict[str, int] = {}  # resident adapter name -> slot (1..max_loras)
+        self.adapters: dict[str, LoRAAdapter] = {}  # registered (in host memory), by name
+        self.slots = SlotTable(max_loras)  # which registered adapters are resident, and where
         self._attach(model, dtype)
 
     def _attach(self, model: nn.Module, dtype: torch.dtype) -> None:
@@ -49,28 +49,23 @@ class LoRAManager:
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         return {name: (layer.in_features, layer.out_features) for name, layer in self.layers.items()}
 
-    def register(self, name: str, path: str | Path) -> LoRAAdapter:
-        """Read and validate an adapter; it is not resident until ``activate``."""
-        adapter = load_adapter(name, path, self.module_shapes, self.max_lora_rank)
-        self.adapters[name] = adapter
-        return adapter
+    @property
+    def slot_of(self) -> dict[str, int]:
+        """Resident adapters and their slots."""
+        return self.slots.slot_of
 
-    def activate(self, name: str) -> int:
-        """Write a registered adapter into a free slot and return the slot."""
-        if name in self.slot_of:
-            return self.slot_of[name]
-        if name not in self.adapters:
-            raise AdapterError(f"adapter {name!r} is not registered")
-        free = sorted(set(range(1, self.max_loras + 1)) - set(self.slot_of.values()))
-        if not free:
-            raise AdapterError(f"no free LoRA slot for {name!r}: all {self.max_loras} (limits.max_loras) are in use")
-        slot, adapter = free[0], self.adapters[name]
+    def read(self, name: str, path: str | Path) -> LoRAAdapter:
+        """Read and validate an adapter from disk; changes nothing, so it may run off the engine thread."""
+        return load_adapter(name, path, self.module_shapes, self.max_lora_rank)
+
+    def load_slot(self, name: str, slot: int) -> None:
+        """Write a registered adapter into ``slot``, clearing whatever adapter was there before."""
+        self.clear_slot(slot)
+        adapter = self.adapters[name]
         for module, lora_a in adapter.lora_a.items():
             self.layers[module].set_lora(slot, lora_a, adapter.lora_b[module], adapter.scaling)
-        self.slot_of[name] = slot
-        return slot
 
-    def deactivate(self, name: str) -> None:
-        slot = self.slot_of.pop(name)
-        for module in self.adapters[name].lora_a:
-            self.layers[module].reset_lora(slot)
+    def clear_slot(self, slot: int) -> None:
+        for layer in self.layers.values():
+            if slot in layer.slot_ranks:
+                layer.reset_lora(slot)
