@@ -40,7 +40,13 @@ class ServerState:
         log.info("loading model %s", self.config.model.path or "(embedded SmolLM2-135M-Instruct)")
         engine = LLMEngine(self.config)
         for name, adapter in engine.lora.adapters.items():
-            log.info("adapter %s: rank %d, targets %s, from %s", name, adapter.rank, ",".join(adapter.target_modules), adapter.path)
+            log.info(
+                "adapter %s: rank %d, targets %s, from %s",
+                name,
+                adapter.rank,
+                ",".join(adapter.target_modules),
+                adapter.path,
+            )
         engine.step = self._locked(engine.step)  # serialises steps with embedding forwards
         async_engine = AsyncEngine(engine)
         async_engine.start()
