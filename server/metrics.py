@@ -48,7 +48,9 @@ class EngineCollector(Collector):
         yield finished
         yield self._lora_info(engine)
         resident = GaugeMetricFamily(
-            "loraplex_adapter_resident", "1 when the adapter sits in a LoRA slot.", labels=["adapter"]
+            "loraplex_adapter_resident",
+            "1 when the adapter sits in a LoRA slot, 0 when it waits in host memory.",
+            labels=["adapter"],
         )
         for name in sorted(engine.lora.adapters):
             resident.add_metric([name], 1.0 if name in engine.lora.slot_of else 0.0)
@@ -57,9 +59,8 @@ class EngineCollector(Collector):
     @staticmethod
     def _lora_info(engine: LLMEngine) -> GaugeMetricFamily:
         """Adapters of running and waiting requests, read from a snapshot of the scheduler's queues."""
-        adapters = engine.lora.adapters
-        running = sorted({s.endpoint for s in list(engine.scheduler.running) if s.endpoint in adapters})
-        waiting = sorted({s.endpoint for s in list(engine.scheduler.waiting) if s.endpoint in adapters})
+        running = sorted({s.lora_name for s in list(engine.scheduler.running) if s.lora_name})
+        waiting = sorted({s.lora_name for s in list(engine.scheduler.waiting) if s.lora_name})
         info = GaugeMetricFamily(
             "loraplex_lora_requests_info",
             "Running and waiting LoRA adapters; the value is the time of the scrape.",

@@ -211,7 +211,7 @@ async def tags(request: Request) -> dict[str, Any]:
 
 @router.get("/api/ps")
 async def ps(request: Request) -> dict[str, Any]:
-    """Every endpoint is always loaded: the base is resident and so is each adapter in its slot."""
+    """The endpoints loaded now: the base always, an adapter endpoint while its adapter sits in a LoRA slot."""
     state = _state(request)
     engine, _ = state.require_engine()
     only = state.router.fixed_endpoint(request.scope)
@@ -220,6 +220,8 @@ async def ps(request: Request) -> dict[str, Any]:
     context_length = engine.config.limits.max_model_len
     running = []
     for e in catalog.entries(engine, only):
+        if e.endpoint.adapter and e.endpoint.name not in engine.lora.slot_of:
+            continue
         size_vram = e.size if on_gpu else 0
         running.append(
             e.tags_entry() | {"expires_at": expires, "size_vram": size_vram, "context_length": context_length}

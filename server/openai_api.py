@@ -31,7 +31,11 @@ def _state(request: Request) -> ServerState:
     return request.app.state.loraplex
 
 
-def _sampling(body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None, num_prompt: int, limit: int):
+def _sampling(
+    body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None, num_prompt: int, limit: int
+) -> SamplingParams:
+    if max_tokens is not None and max_tokens < 1:
+        raise APIError(400, f"max_tokens = {max_tokens} is invalid; use 1 or more, or leave it out", param="max_tokens")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return SamplingParams(
         max_tokens=max_new_tokens(max_tokens, num_prompt, limit),

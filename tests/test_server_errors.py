@@ -95,7 +95,8 @@ def _openai_error(server: ServerProcess, **kwargs: object) -> openai.APIStatusEr
         ({"messages": []}, 400, "messages", "messages is empty"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "tool calling"),
         ({"response_format": {"type": "json_object"}}, 400, "response_format", "response_format"),
-        ({"max_tokens": 0}, 400, None, "max tokens = 0"),
+        ({"max_tokens": 0}, 400, "max_tokens", "max_tokens = 0"),
+        ({"max_completion_tokens": -3}, 400, "max_tokens", "max_tokens = -3"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
             400,

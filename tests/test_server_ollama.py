@@ -108,8 +108,10 @@ def test_keep_alive_and_num_ctx_accepted(client: ollama.Client) -> None:
 def test_tags_ps_show_version(client: ollama.Client, server: ServerProcess) -> None:
     names = [m.model for m in client.list().models]
     assert names == ["base:latest", "chatbot:latest", "code:latest", "summarization:latest"]
-    running = client.ps().models
-    assert [m.model for m in running] == names and all(m.context_length == 512 for m in running)
+    client.generate(model="chatbot", prompt=PROMPT, options={"num_predict": 1})
+    running = client.ps().models  # the base, and the adapters resident in LoRA slots
+    assert {"base:latest", "chatbot:latest"} <= {m.model for m in running} <= set(names)
+    assert all(m.context_length == 512 for m in running)
     shown = client.show("chatbot:latest")
     assert shown.details.family == "llama" and shown.details.parameter_size.endswith("M")
     assert shown.details.quantization_level == "F32" and shown.details.parent_model

@@ -19,8 +19,8 @@ METRIC_NAMES = [
     'loraplex_requests_finished_total{reason="length"}',
     "loraplex_lora_requests_info{",
     'loraplex_adapter_resident{adapter="chatbot"} 1.0',
-    'loraplex_time_to_first_token_seconds_bucket{endpoint="base"',
-    'loraplex_request_latency_seconds_bucket{endpoint="base"',
+    'loraplex_time_to_first_token_seconds_bucket{endpoint="chatbot"',
+    'loraplex_request_latency_seconds_bucket{endpoint="chatbot"',
 ]
 
 
@@ -37,7 +37,7 @@ def test_health_and_ready(server: ServerProcess) -> None:
 
 
 def test_metrics(server: ServerProcess) -> None:
-    body = {"model": "base", "prompt": PROMPT, "stream": False, "options": {"num_predict": 2}}
+    body = {"model": "chatbot", "prompt": PROMPT, "stream": False, "options": {"num_predict": 2}}
     before = server.metric("loraplex_generation_tokens_total")
     assert httpx.post(f"{server.url}/api/generate", json=body, timeout=60).status_code == 200
     text = httpx.get(f"{server.url}/metrics").text
