@@ -131,3 +131,20 @@ def test_embed_and_legacy_embeddings(client: ollama.Client) -> None:
     assert max(abs(a - b) for a, b in zip(single, response.embeddings[0], strict=True)) < 1e-4
     legacy = client.embeddings(model="chatbot", prompt="The cat sat on the mat.").embedding
     assert len(legacy) == len(single) and legacy != single  # the adapter changes the hidden states
+
+
+def test_embeddings_while_generating_change_nothing(client: ollama.Client, server: ServerProcess) -> None:
+    """Embedding forwards interleave with engine steps (other adapters, same model) without disturbing them."""
+    options = {"temperature": 0, "repeat_penalty": 1.0, "num_predict": 8}
+    alone = client.generate(model="chatbot", prompt=PROMPT, options=options).response
+    embedded = []
+    body = {"model": "chatbot", "prompt": PROMPT, "options": options}
+    with httpx.stream("POST", f"{server.url}/api/generate", json=body, timeout=60) as response:
+        parts = []
+        for line in response.iter_lines():
+            parts.append(json.loads(line)["response"])
+            if len(embedded) < 3:
+                embedded.append(client.embed(model="code", input="The cat sat on the mat.").embeddings[0])
+    assert "".join(parts) == alone
+    for vector in embedded[1:]:
+        assert max(abs(a - b) for a, b in zip(vector, embedded[0], strict=True)) < 1e-5
