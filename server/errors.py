@@ -91,14 +91,16 @@ def error_body(error: APIError, path: str) -> dict:
     return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}}
 
 
-def error_response(exc: Exception, path: str) -> JSONResponse:
+def error_response(exc: Exception, path: str, method: str = "") -> JSONResponse:
     error = to_api_error(exc)
+    if isinstance(exc, StarletteHTTPException) and exc.status_code in (404, 405):
+        error.message = f"{method} {path} is not a loraplex route ({exc.detail}); see the README's Server API"
     return JSONResponse(error_body(error, path), status_code=error.status, headers=error.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     async def handle(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(exc, request.url.path)
+        return error_response(exc, request.url.path, request.method)
 
     for exc_type in (APIError, RequestError, AdapterError, QueueFullError, EngineDeadError, ValidationError):
         app.add_exception_handler(exc_type, handle)

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from engine.config import EngineConfig
-from engine.errors import UnknownEndpointError
+from engine.errors import ConfigError, UnknownEndpointError
 
 SCOPE_KEY = "loraplex.endpoint"  # set on the ASGI scope when the listener or a path prefix fixes the endpoint
 
@@ -28,7 +28,8 @@ class EndpointRouter:
         self.main_port = config.server.port
         self.port_endpoints: dict[int, str] = {e.port: e.name for e in config.endpoints if e.port}
         if self.main_port in self.port_endpoints:
-            raise ValueError(f"endpoint {self.port_endpoints[self.main_port]!r} uses the main port {self.main_port}")
+            endpoint = self.port_endpoints[self.main_port]
+            raise ConfigError(f"endpoint {endpoint!r} has port {self.main_port}, the main port; give it another one")
 
     @property
     def ports(self) -> list[int]:

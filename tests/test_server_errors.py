@@ -125,7 +125,8 @@ def test_openai_completion_errors(server: ServerProcess) -> None:
 
 
 def test_unknown_route_and_server_still_serves(server: ServerProcess) -> None:
-    assert httpx.get(f"{server.url}/api/nothing").status_code == 404
+    missing = httpx.post(f"{server.url}/api/pull", json={"model": "base"})
+    assert missing.status_code == 404 and "POST /api/pull is not a loraplex route" in missing.json()["error"]
     assert httpx.get(f"{server.url}/v1/nothing").json()["error"]["type"] == "invalid_request_error"
     ok = httpx.post(
         f"{server.url}/api/generate",

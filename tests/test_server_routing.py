@@ -13,7 +13,7 @@ from test_server_harness import PROMPT, ServerProcess, shared_server, write_conf
 
 from engine.config import load_config
 from engine.engine import LLMEngine
-from engine.errors import UnknownEndpointError
+from engine.errors import ConfigError, UnknownEndpointError
 from engine.sequence import Request, SamplingParams
 from server.routing import SCOPE_KEY, EndpointRouter
 
@@ -48,7 +48,7 @@ def test_prefix_and_listener(router: EndpointRouter) -> None:
 
 
 def test_main_port_cannot_be_an_endpoint_port(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="main port"):
+    with pytest.raises(ConfigError, match="the main port"):
         EndpointRouter(load_config(write_config(tmp_path, 11500, 11500)))
 
 
