@@ -11,14 +11,27 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from engine.engine import EngineStats, LLMEngine, RequestOutput
 from engine.errors import EngineDeadError, QueueFullError
 from engine.sequence import Request
 
 log = logging.getLogger(__name__)
+
+
+T = TypeVar("T")
+
+
+def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 @dataclass
@@ -30,7 +43,7 @@ class _Stream:
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self.inbox: queue.SimpleQueue[tuple[str, Request | str]] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self.streams: dict[str, _Stream] = {}
         self.lock = threading.Lock()  # guards streams, shared by the event loop and the loop thread
         self.wakeup = threading.Event()
@@ -84,12 +97,21 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._send("abort", request_id)
 
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run ``fn(engine)`` on the loop thread between two steps (adapter changes, embeddings) and await it."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine loop has stopped; this worker cannot serve requests")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._send("call", (fn, loop, future))
+        return await future
+
     def shutdown(self, timeout: float = 5.0) -> None:
         self.stopping = True
         self.wakeup.set()
         self.thread.join(timeout)
 
-    def _send(self, kind: str, item: Request | str) -> None:
+    def _send(self, kind: str, item: object) -> None:
         self.inbox.put((kind, item))
         self.wakeup.set()
 
@@ -112,12 +134,24 @@ class AsyncEngine:
                     self.engine.add_request(item)
                 except Exception as e:  # validated already; anything left is reported to that caller only
                     self._deliver(e, item.request_id)
+            elif kind == "call":
+                self._run_call(*item)
             else:
                 out = self.engine.abort(item)
                 with self.lock:
                     self.streams.pop(item, None)
                 if out is not None:
                     log.debug("aborted %s after %d tokens", item, out.num_output_tokens)
+
+    def _run_call(
+        self, fn: Callable[[LLMEngine], object], loop: asyncio.AbstractEventLoop, future: asyncio.Future
+    ) -> None:
+        try:
+            result = fn(self.engine)
+        except Exception as e:  # reported to the caller; the loop goes on
+            loop.call_soon_threadsafe(_settle, future, None, e)
+        else:
+            loop.call_soon_threadsafe(_settle, future, result, None)
 
     def _run(self) -> None:
         try:
