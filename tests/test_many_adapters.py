@@ -41,7 +41,7 @@ def adapter_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return dirs
 
 
-def test_twenty_adapters_through_four_slots_match_peft(make_engine, model_dir: Path, adapter_dirs) -> None:  # noqa: ANN001
+def test_twenty_adapters_through_four_slots_match_peft(make_engine, model_dir: Path, adapter_dirs) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -75,7 +75,7 @@ def test_twenty_adapters_through_four_slots_match_peft(make_engine, model_dir: P
     assert len(distinct) > 1, "the adapters should not all produce the same text"
 
 
-def test_unloading_keeps_in_flight_requests_and_refuses_new_ones(make_engine, adapter_dirs) -> None:  # noqa: ANN001
+def test_unloading_keeps_in_flight_requests_and_refuses_new_ones(make_engine, adapter_dirs) -> None:
     engine: LLMEngine = make_engine(max_loras=2, max_lora_rank=16)
     path = adapter_dirs["lora01"]
     engine.add_adapter(engine.lora.read("extra", path))
