@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ConfigError
+from engine.errors import AdapterError, ConfigError
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.toml")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -98,6 +98,35 @@ class ServerConfig:
 
 
 @dataclass
+class AdaptersConfig:
+    """Adapters loaded at run time (``/v1/load_lora_adapter``, ``/api/create``)."""
+
+    runtime_loading: bool = True  # False refuses every load / unload / create / delete
+    roots: list[str] = field(default_factory=lambda: ["../adapters"])  # the only folders adapters load from
+
+    def allowed_path(self, path: str) -> Path:
+        """Resolve ``path`` (absolute, or relative to the first root) and refuse anything outside the roots.
+
+        Symlinks are resolved first, so a link inside a root that points elsewhere is refused too.
+        """
+        if not self.runtime_loading:
+            raise AdapterError("loading adapters at run time is turned off (adapters.runtime_loading = false)")
+        roots = [Path(r).resolve() for r in self.roots]
+        candidate = Path(path)
+        if not candidate.is_absolute():
+            if not roots:
+                raise AdapterError("no adapter roots are configured (adapters.roots)")
+            candidate = roots[0] / candidate
+        resolved = candidate.resolve()
+        if not any(resolved == root or root in resolved.parents for root in roots):
+            allowed = ", ".join(str(r) for r in roots)
+            raise AdapterError(f"adapter path {path!r} is outside the allowed roots ({allowed})")
+        if not resolved.is_dir():
+            raise AdapterError(f"adapter path {path!r} is not a directory")
+        return resolved
+
+
+@dataclass
 class EngineConfig:
     """Root of the configuration file."""
 
@@ -105,6 +134,7 @@ class EngineConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     endpoints: list[EndpointConfig] = field(default_factory=list)
     server: ServerConfig = field(default_factory=ServerConfig)
+    adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
 
     def __post_init__(self) -> None:
         names: set[str] = set()
@@ -157,7 +187,7 @@ def load_config(path: str | Path | None = None) -> EngineConfig:
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"cannot read config {path}: {e}") from e
     _env_overrides(data)
-    unknown = set(data) - {"model", "limits", "endpoints", "server"}
+    unknown = set(data) - {"model", "limits", "endpoints", "server", "adapters"}
     if unknown:
         raise ConfigError(f"unknown section(s) in {path}: {', '.join(sorted(unknown))}")
     endpoints = []
@@ -166,6 +196,8 @@ def load_config(path: str | Path | None = None) -> EngineConfig:
         if endpoint.adapter and not Path(endpoint.adapter).is_absolute():
             endpoint.adapter = str((path.parent / endpoint.adapter).resolve())
         endpoints.append(endpoint)
+    adapters = _section(AdaptersConfig, data.get("adapters", {}), "adapters")
+    adapters.roots = [str((path.parent / root).resolve()) for root in adapters.roots]
     model = _section(ModelConfig, data.get("model", {}), "model")
     if model.path and not Path(model.path).is_absolute():
         candidate = path.parent / model.path
@@ -176,4 +208,5 @@ def load_config(path: str | Path | None = None) -> EngineConfig:
         limits=_section(LimitsConfig, data.get("limits", {}), "limits"),
         endpoints=endpoints,
         server=_section(ServerConfig, data.get("server", {}), "server"),
+        adapters=adapters,
     )

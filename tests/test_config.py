@@ -43,3 +43,23 @@ def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> No
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_adapter_paths_are_confined_to_the_roots(tmp_path: Path) -> None:
+    from engine.config import AdaptersConfig
+    from engine.errors import AdapterError
+
+    root = tmp_path / "root"
+    (root / "good").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (root / "link").symlink_to(tmp_path / "outside")
+    adapters = AdaptersConfig(roots=[str(root)])
+    assert adapters.allowed_path("good") == (root / "good").resolve()
+    assert adapters.allowed_path(str(root / "good")) == (root / "good").resolve()
+    for bad in ("../outside", str(tmp_path / "outside"), "link", "good/../../outside", "/etc"):
+        with pytest.raises(AdapterError, match="outside the allowed roots"):
+            adapters.allowed_path(bad)
+    with pytest.raises(AdapterError, match="not a directory"):
+        adapters.allowed_path("missing")
+    with pytest.raises(AdapterError, match="turned off"):
+        AdaptersConfig(runtime_loading=False, roots=[str(root)]).allowed_path("good")
