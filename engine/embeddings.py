@@ -1,8 +1,8 @@
 """Embeddings: mean-pooled, L2-normalised last hidden states of an endpoint's model (base + its adapter).
 
 The forward pass reuses the runner's tensor building, but with a KV cache and block manager of its own,
-sized to this batch, so no engine state is touched. The model and its LoRA mapping are still shared: the
-caller must make sure no engine step runs at the same time (the server holds the lock its steps take).
+sized to this batch, so no KV blocks are taken from requests. The model and its LoRA slots are shared: the
+caller runs this on the engine loop thread, between steps (``AsyncEngine.call``), as the server does.
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ Ollama's counts and nanosecond durations, taken from the engine's timestamps.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from engine.embeddings import embed
-from engine.engine import RequestOutput
+from engine.engine import LLMEngine, RequestOutput
 from engine.errors import RequestError
 from engine.sequence import FinishReason
 from server import catalog
@@ -146,8 +145,8 @@ async def chat(request: Request) -> Any:
 
 
 async def _embed(state: ServerState, endpoint: str, texts: list[str], truncate: bool) -> tuple[list, int, int]:
-    """Vectors, prompt token count, and the nanoseconds spent waiting for the model (between engine steps)."""
-    engine, _ = state.require_engine()
+    """Vectors, prompt token count, and the nanoseconds spent waiting for the engine loop to take the work."""
+    engine, async_engine = state.require_engine()
     limit = state.config.limits.max_model_len
     token_lists = []
     for i, text in enumerate(texts):
@@ -158,13 +157,13 @@ async def _embed(state: ServerState, endpoint: str, texts: list[str], truncate: 
             raise RequestError(f"input {i} has {len(ids)} tokens, over the context of {limit}; send truncate=true")
         token_lists.append(ids[:limit])
 
-    def run() -> tuple[list[list[float]], float]:
-        waited = time.monotonic()
-        with state.model_lock:
-            waited = time.monotonic() - waited
-            return embed(engine, token_lists, endpoint), waited
+    submitted = time.monotonic()
 
-    vectors, waited = await asyncio.to_thread(run)
+    def run(engine: LLMEngine) -> tuple[list[list[float]], float]:  # on the engine loop thread, between steps
+        waited = time.monotonic() - submitted
+        return embed(engine, token_lists, endpoint), waited
+
+    vectors, waited = await async_engine.call(run)
     return vectors, sum(len(t) for t in token_lists), round(waited * 1e9)
 
 

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import ParamSpec, TypeVar
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
@@ -17,8 +14,6 @@ from server.metrics import ServerMetrics
 from server.routing import EndpointRouter
 
 log = logging.getLogger(__name__)
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 class ServerState:
@@ -33,9 +28,6 @@ class ServerState:
         self.shutting_down = False
         self.in_flight = 0  # HTTP requests being answered, streams included
         self.started_at = datetime.now(UTC)
-        # Held by the engine loop whenever it changes the engine, and by anything else that runs the model
-        # (embeddings): the engine is single-threaded and its LoRA mapping is per forward pass.
-        self.model_lock = threading.Lock()
 
     def load(self) -> None:
         """Build the engine and start its loop; blocking, so run it in a thread."""
@@ -50,24 +42,11 @@ class ServerState:
                 ",".join(adapter.target_modules),
                 adapter.path,
             )
-        for method in ("step", "add_request", "abort"):  # every call the loop thread makes that mutates the engine
-            setattr(engine, method, self._locked(getattr(engine, method)))
         async_engine = AsyncEngine(engine)
         async_engine.start()
         self.engine, self.async_engine = engine, async_engine
         self.metrics.bind(async_engine)
         log.info("model %s loaded in %.1f s", engine.model_name, time.monotonic() - start)
-
-    def _locked(self, method: Callable[P, R]) -> Callable[P, R]:
-        """``method`` holding ``model_lock``: embeddings then never see the engine (its LoRA slots, its model)
-        halfway through a step, an admission or an abort. Replace with an engine hook that runs a function on
-        the loop thread once the engine has one."""
-
-        def locked(*args: P.args, **kwargs: P.kwargs) -> R:
-            with self.model_lock:
-                return method(*args, **kwargs)
-
-        return locked
 
     @property
     def ready(self) -> bool:
