@@ -13,9 +13,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from engine.config import EngineConfig, load_config  # noqa: E402
-from engine.engine import LLMEngine  # noqa: E402
-from engine.loader import resolve_model_dir  # noqa: E402
+from engine.config import EngineConfig, load_config
+from engine.engine import LLMEngine
+from engine.loader import resolve_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTERS = {name: ROOT / "adapters" / name for name in ("chatbot", "code", "summarization")}

@@ -80,7 +80,7 @@ def test_module_the_base_lacks_is_refused(adapter_copy: Path) -> None:
     weights = load_file(adapter_copy / "adapter_model.safetensors")
     weights["base_model.model.model.layers.99.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 576)
     save_file(weights, adapter_copy / "adapter_model.safetensors")
-    with pytest.raises(AdapterError, match="layers.99"):
+    with pytest.raises(AdapterError, match=r"layers\.99"):
         load_adapter("summ", adapter_copy, SHAPES, 64)
 
 
@@ -95,5 +95,5 @@ def test_corrupt_weights_and_missing_config_are_refused(adapter_copy: Path, tmp_
     (adapter_copy / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(AdapterError, match="cannot read"):
         load_adapter("summ", adapter_copy, SHAPES, 64)
-    with pytest.raises(AdapterError, match="adapter_config.json not found"):
+    with pytest.raises(AdapterError, match=r"adapter_config\.json not found"):
         load_adapter("empty", tmp_path, SHAPES, 64)
