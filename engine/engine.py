@@ -131,12 +131,16 @@ class LLMEngine:
 
         It becomes resident when a request first needs it; ``slots`` is its guaranteed concurrency.
         """
-        if adapter.name in self.endpoint_adapters or self.config.endpoint(adapter.name) is not None:
+        configured = self.config.endpoint(adapter.name)
+        if adapter.name in self.endpoint_adapters or (configured and configured.name in self.endpoint_adapters):
             raise AdapterError(f"adapter {adapter.name!r}: the name is already served; unload it first")
-        self.retired_adapters.discard(adapter.name)
+        if adapter.name in self.retired_adapters:
+            raise AdapterError(
+                f"adapter {adapter.name!r}: its previous version still serves requests in flight; retry shortly"
+            )
         self.lora.adapters[adapter.name] = adapter
         self.endpoint_adapters[adapter.name] = adapter.name
-        self.scheduler.endpoint_slots[adapter.name] = slots
+        self.scheduler.endpoint_slots[adapter.name] = configured.slots if configured else slots
 
     def remove_adapter(self, name: str) -> None:
         """Stop serving an adapter endpoint (engine thread only). Requests already submitted finish with it."""
