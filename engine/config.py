@@ -91,10 +91,50 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 11434
     grace_period: float = 30.0  # seconds after SIGTERM for requests in flight to finish before exiting
+    # Limits on what one caller controls (server/limits.py); 0 turns a limit off where noted.
+    request_timeout: float = 300.0  # seconds from arrival to the last token; past it the request is ended
+    max_body_bytes: int = 1_048_576  # request body size; larger bodies get 413
+    max_stop_sequences: int = 16  # entries in a request's stop list
+    max_stop_length: int = 256  # characters in one stop string
+    max_embed_tokens: int = 16_384  # tokens of all inputs of one /api/embed request together
+    max_queued_per_endpoint: int = 0  # requests past an endpoint's slots before 503; 0 = max_waiting / endpoints
+    max_requests_per_client: int = 0  # concurrent requests from one client address; 0 = no limit
 
     def __post_init__(self) -> None:
         if self.grace_period < 0:
             raise ConfigError(f"server.grace_period = {self.grace_period}; use 0 or more seconds")
+        if self.request_timeout <= 0:
+            raise ConfigError(f"server.request_timeout = {self.request_timeout}; use a positive number of seconds")
+        for name in ("max_body_bytes", "max_stop_sequences", "max_stop_length", "max_embed_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"server.{name} = {getattr(self, name)}; use a positive integer")
+        for name in ("max_queued_per_endpoint", "max_requests_per_client"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"server.{name} = {getattr(self, name)}; use 0 (default) or more")
+
+
+ADMIN_ROUTES = ("auto", "admin", "off")
+
+
+@dataclass
+class AuthConfig:
+    """Optional API keys (``Authorization: Bearer <key>``), read from files or environment variables only.
+
+    No keys configured = no authentication. Admin keys are valid everywhere; ``admin_routes`` decides who may
+    load / unload / create / delete adapters: "auto" = an admin key once admin keys exist, else the same rule
+    as every other route; "admin" = an admin key always (none configured = refused); "off" = refused to all.
+    """
+
+    api_keys_env: str = "LORAPLEX_API_KEYS"  # comma-separated keys in this environment variable
+    api_keys_file: str = ""  # one key per line ('#' starts a comment)
+    admin_keys_env: str = "LORAPLEX_ADMIN_KEYS"
+    admin_keys_file: str = ""
+    admin_routes: str = "auto"
+    public_paths: list[str] = field(default_factory=lambda: ["/health", "/ready", "/metrics"])  # never need a key
+
+    def __post_init__(self) -> None:
+        if self.admin_routes not in ADMIN_ROUTES:
+            raise ConfigError(f"auth.admin_routes = {self.admin_routes!r}; use one of {', '.join(ADMIN_ROUTES)}")
 
 
 @dataclass
@@ -135,6 +175,7 @@ class EngineConfig:
     endpoints: list[EndpointConfig] = field(default_factory=list)
     server: ServerConfig = field(default_factory=ServerConfig)
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     def __post_init__(self) -> None:
         names: set[str] = set()
@@ -187,7 +228,7 @@ def load_config(path: str | Path | None = None) -> EngineConfig:
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"cannot read config {path}: {e}") from e
     _env_overrides(data)
-    unknown = set(data) - {"model", "limits", "endpoints", "server", "adapters"}
+    unknown = set(data) - {"model", "limits", "endpoints", "server", "adapters", "auth"}
     if unknown:
         raise ConfigError(f"unknown section(s) in {path}: {', '.join(sorted(unknown))}")
     endpoints = []
@@ -209,4 +250,5 @@ def load_config(path: str | Path | None = None) -> EngineConfig:
         endpoints=endpoints,
         server=_section(ServerConfig, data.get("server", {}), "server"),
         adapters=adapters,
+        auth=_section(AuthConfig, data.get("auth", {}), "auth"),
     )

@@ -23,7 +23,9 @@ from fastapi.responses import JSONResponse, Response
 
 from engine.config import EngineConfig, load_config
 from server import ollama, openai_api
+from server.auth import auth_middleware
 from server.errors import APIError, error_response, install_error_handlers
+from server.limits import limits_middleware
 from server.metrics import CONTENT_TYPE
 from server.routing import ASGIApp, Scope
 from server.state import ServerState
@@ -81,8 +83,10 @@ def lifecycle_middleware(state: ServerState, app: ASGIApp) -> ASGIApp:
 
 
 def build_asgi(state: ServerState) -> ASGIApp:
-    """Routing outermost (it rewrites prefixed paths), then the lifecycle guard, then FastAPI."""
-    return state.router.middleware(lifecycle_middleware(state, create_app(state)))
+    """Routing outermost (it rewrites prefixed paths), then API keys, body and per-client limits, the lifecycle
+    guard, then FastAPI."""
+    app = lifecycle_middleware(state, create_app(state))
+    return state.router.middleware(auth_middleware(state.config.auth, limits_middleware(state, app)))
 
 
 class _Listener(uvicorn.Server):

@@ -21,6 +21,7 @@ from fastapi import Request as HTTPRequest
 from engine.engine import RequestOutput
 from engine.errors import RequestError
 from engine.sequence import FinishReason, Request, SamplingParams
+from server import limits
 from server.errors import APIError
 from server.state import ServerState
 
@@ -72,8 +73,9 @@ async def start(
 ) -> AsyncIterator[RequestOutput]:
     """Submit a request and wait for its first output; returns the stream of all its outputs."""
     _, async_engine = state.require_engine()
+    limits.check_sampling(state, params)
     request = Request(rid, endpoint, prompt_token_ids, params, arrival_time=arrival_time)
-    outputs = async_engine.generate(request)
+    outputs = limits.guarded(state, endpoint, async_engine.generate(request), arrival_time)
     try:
         first = await anext(outputs)
     except BaseException:
@@ -131,6 +133,8 @@ async def collect(outputs: AsyncIterator[RequestOutput]) -> Completed:
 
 
 def raise_if_failed(out: RequestOutput) -> None:
+    if isinstance(out, limits.DeadlineExceeded):
+        raise APIError(504, str(out.error))
     if out.finish_reason is FinishReason.ERROR:
         raise APIError(500, f"generation failed in the engine: {out.error}")
 

@@ -22,6 +22,7 @@ from engine.sequence import FinishReason
 from server import catalog
 from server.errors import APIError
 from server.generation import Timings, collect, context_limit, request_id, start, unless_disconnected
+from server.limits import check_embed_tokens
 from server.ollama_params import DEFAULTS, refuse_unsupported, sampling_params
 from server.prompts import render_chat, render_generate
 from server.schemas import (
@@ -156,6 +157,7 @@ async def _embed(state: ServerState, endpoint: str, texts: list[str], truncate: 
         if len(ids) > limit and not truncate:
             raise RequestError(f"input {i} has {len(ids)} tokens, over the context of {limit}; send truncate=true")
         token_lists.append(ids[:limit])
+    check_embed_tokens(state, token_lists)
 
     submitted = time.monotonic()
 

@@ -10,6 +10,7 @@ from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from server.errors import APIError
+from server.limits import Admission
 from server.metrics import ServerMetrics
 from server.routing import EndpointRouter
 
@@ -27,6 +28,7 @@ class ServerState:
         self.async_engine: AsyncEngine | None = None
         self.shutting_down = False
         self.in_flight = 0  # HTTP requests being answered, streams included
+        self.admission = Admission(self)  # requests in flight per endpoint and per client (server/limits.py)
         self.started_at = datetime.now(UTC)
 
     def load(self) -> None:
