@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from engine.config import EngineConfig, load_config
-from server import ollama, openai_api
+from server import adapters_api, ollama, openai_api
 from server.auth import auth_middleware
 from server.errors import APIError, error_response, install_error_handlers
 from server.limits import limits_middleware
@@ -42,6 +42,7 @@ def create_app(state: ServerState) -> FastAPI:
     install_error_handlers(app)
     app.include_router(ollama.router)
     app.include_router(openai_api.router)
+    app.include_router(adapters_api.router)
 
     @app.get("/health")
     async def health() -> JSONResponse:

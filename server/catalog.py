@@ -14,6 +14,7 @@ from typing import Any
 
 from engine.config import EndpointConfig
 from engine.engine import LLMEngine
+from engine.errors import UnknownEndpointError
 
 _QUANTIZATION_LEVELS = {"nf4": "NF4", "int8": "INT8"}
 _DTYPE_LEVELS = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -114,11 +115,16 @@ class ModelEntry:
 
 
 def entries(engine: LLMEngine, only: str | None = None) -> list[ModelEntry]:
-    """Every endpoint, or just ``only`` when the listener or path prefix fixed one."""
-    return [ModelEntry(e, engine) for e in engine.config.endpoints if only is None or e.name == only]
+    """Every endpoint served now (adapters loaded at run time included, unloaded ones not), or just ``only``."""
+    served = engine.endpoint_adapters
+    return [
+        ModelEntry(e, engine) for e in engine.config.endpoints if (only is None or e.name == only) and e.name in served
+    ]
 
 
 def entry(engine: LLMEngine, endpoint: str) -> ModelEntry:
+    """The endpoint as a model; 404 if its adapter was unloaded (at run time) since it was resolved."""
     found = engine.config.endpoint(endpoint)
-    assert found is not None, f"{endpoint} was resolved, so it exists"
+    if found is None or found.name not in engine.endpoint_adapters:
+        raise UnknownEndpointError(f"model {endpoint!r} is not served here (its adapter was unloaded)")
     return ModelEntry(found, engine)
