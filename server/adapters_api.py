@@ -272,7 +272,7 @@ def _check_base(state: ServerState, engine: LLMEngine, base: str | None) -> None
 
 async def _status_lines(statuses: list[str]) -> AsyncIterator[bytes]:
     for status in statuses:
-        yield (json.dumps({"status": status}) + "\n").encode()
+        yield (json.dumps({"status": status}, separators=(",", ":")) + "\n").encode()
 
 
 @router.post("/api/create")
