@@ -78,6 +78,7 @@ async def start(
     outputs = limits.guarded(state, endpoint, async_engine.generate(request), arrival_time)
     try:
         first = await anext(outputs)
+        raise_if_failed(first)  # failed in its first step: still an HTTP status, not a 200 with an error chunk
     except BaseException:
         await outputs.aclose()
         raise

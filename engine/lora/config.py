@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load
 
 from engine.errors import AdapterError
 
@@ -101,7 +101,9 @@ def _read_weights(name: str, path: Path) -> dict[str, torch.Tensor]:
             )
         raise AdapterError(f"adapter {name!r}: {weights_path} not found")
     try:
-        return load_file(weights_path)
+        # Read into memory, not load_file's mmap: a file truncated or rewritten after loading would otherwise
+        # crash the process (SIGBUS) the next time the adapter is copied into a slot.
+        return load(weights_path.read_bytes())
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterError(f"adapter {name!r}: cannot read {weights_path}: {e}") from e
 
