@@ -122,7 +122,7 @@ class LLMEngine:
         endpoint = self.config.endpoint(model)
         name = endpoint.name if endpoint is not None else model
         if name not in self.endpoint_adapters:
-            served = ", ".join(self.endpoint_adapters)
+            served = ", ".join(list(self.endpoint_adapters))  # list() copies atomically; loads run on the loop thread
             raise UnknownEndpointError(f"model {model!r} is not served here; use one of: {served}")
         return name
 
