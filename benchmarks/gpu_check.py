@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import hashlib
 import importlib
 import inspect
 import json
@@ -227,9 +228,16 @@ def find_default_model() -> str | None:
         return None
     out = assets / parts[0].name.split(".part-")[0]
     if not out.is_file():
-        with out.open("wb") as f:
+        tmp = out.with_suffix(".partial")
+        with tmp.open("wb") as f:
             for part in parts:
                 f.write(part.read_bytes())
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        expected = next(assets.glob(f"gguf_*/{out.name}.sha256"), None)
+        if expected is None or expected.read_text().strip() != digest:
+            log(f"oracle: the parts in {assets} do not make the default model's GGUF (missing part or sha256)")
+            return None
+        tmp.rename(out)
     return str(out)
 
 

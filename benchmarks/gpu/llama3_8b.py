@@ -157,7 +157,10 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 def llama3_tokenizer_file() -> Path:
-    """The tiktoken BPE file inside the ``llama-models`` package, found without importing it."""
+    """The tiktoken BPE file: ``$LLAMA3_TOKENIZER_MODEL`` if set (the GPU machine has no llama-models), else the
+    one inside the ``llama-models`` package, found without importing it."""
+    if os.environ.get("LLAMA3_TOKENIZER_MODEL"):
+        return Path(os.environ["LLAMA3_TOKENIZER_MODEL"])
     spec = importlib.util.find_spec("llama_models")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the Llama 3 tokenizer needs the llama-models package: pip install llama-models")
