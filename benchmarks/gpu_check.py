@@ -407,9 +407,12 @@ def lora_gathered(
 
 
 def reference_fp32(x, lora_a, lora_b, indices) -> torch.Tensor:
-    """``lora_reference``'s loop, vectorised, in float32 (checked against the literal loop on small inputs)."""
-    x, a, b = x.float(), lora_a.float(), lora_b.float()
-    return lora_gathered(x, a, b, indices)
+    """``lora_reference``'s loop in float32, one slot at a time (checked against the literal loop on small inputs)."""
+    x, y = x.float(), torch.zeros(x.shape[0], lora_b.shape[1], device=x.device)
+    for slot in range(1, lora_a.shape[0]):
+        rows = (indices == slot).float()[:, None]
+        y += rows * ((x @ lora_a[slot].float().T) @ lora_b[slot].float().T)
+    return y
 
 
 def stage_lora_op(plan: Plan, device: torch.device, dtype: torch.dtype, budget: Budget, args) -> dict:
@@ -700,11 +703,14 @@ def profile_decode(engine: LLMEngine, requests: list[Request], device: torch.dev
         def device_time(e) -> float:
             return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
 
-        busy_us = sum(device_time(e) for e in events)
+        from torch.autograd import DeviceType
+
+        kernels = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA] or list(events)
+        busy_us = sum(device_time(e) for e in kernels)
         result["gpu_busy_ms_per_step"] = round(busy_us / 1e3 / steps, 3)
         result["gpu_busy_fraction"] = round(busy_us / 1e3 / wall_ms, 3)
-        result["kernel_launches_per_step"] = round(sum(e.count for e in events if device_time(e) > 0) / steps, 1)
-        top = sorted(events, key=device_time, reverse=True)[:15]
+        result["kernel_launches_per_step"] = round(sum(e.count for e in kernels if device_time(e) > 0) / steps, 1)
+        top = sorted(kernels, key=device_time, reverse=True)[:15]
         result["top_kernels"] = [
             {
                 "name": e.key[:90],

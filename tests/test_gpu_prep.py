@@ -88,7 +88,11 @@ def test_tiny_adapters_load_into_the_engine(tmp_path: Path, tokenizer) -> None:
 def test_gpu_check_tiny_on_cpu_writes_every_field(tmp_path: Path) -> None:
     from benchmarks import gpu_check
 
-    report = gpu_check.main(["--device", "cpu", "--tiny", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
+    threads = torch.get_num_threads()
+    try:
+        report = gpu_check.main(["--device", "cpu", "--tiny", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
+    finally:
+        torch.set_num_threads(threads)  # the script sets its own; later tests keep theirs
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert saved["stages"].keys() == set(gpu_check.STAGES)
     for name, stage in saved["stages"].items():
