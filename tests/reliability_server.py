@@ -54,7 +54,7 @@ class InProcessServer:
         return f"http://127.0.0.1:{self.port}"
 
     @property
-    def engine(self):  # noqa: ANN201
+    def engine(self):
         return self.state.engine
 
     def idle(self, timeout: float = 10) -> bool:

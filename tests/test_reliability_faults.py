@@ -41,7 +41,7 @@ def test_step_exception_fails_its_request_and_the_loop_goes_on(server: InProcess
     engine = server.engine
     execute = engine.runner.execute
 
-    def faulty(inputs):  # noqa: ANN001, ANN202
+    def faulty(inputs):
         if POISON in engine.tokenizer.decode(inputs.input_ids.tolist()):
             raise RuntimeError("injected fault")
         return execute(inputs)
