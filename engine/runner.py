@@ -80,7 +80,10 @@ class ModelRunner:
         )
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+        host = torch.tensor(values, dtype=torch.long)
+        if self.device.type == "cuda":  # pinned + non_blocking: the upload does not wait for the GPU
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
 
     def _prefill_chunk(self, seq_id: str, query_start: int, start: int, end: int) -> PrefillChunk:
         causal_mask = None

@@ -80,7 +80,7 @@ class MultiLoRALinear(nn.Module):
         self.reset_lora(slot, repack=False)
         rank = lora_a.shape[0]
         self.lora_a_stacked[slot, :rank] = lora_a.to(self.lora_a_stacked)
-        self.lora_b_stacked[slot, :, :rank] = lora_b.to(self.lora_b_stacked) * scaling
+        self.lora_b_stacked[slot, :, :rank] = (lora_b.float() * scaling).to(self.lora_b_stacked)  # one rounding
         self.slot_ranks[slot] = rank
         self._repack()
 
