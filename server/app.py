@@ -13,16 +13,18 @@ import contextlib
 import logging
 import signal
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 
 from engine.config import EngineConfig, load_config
-from server import adapters_api, ollama, openai_api
+from server import adapters_api, ollama, openai_api, schemas
 from server.auth import auth_middleware
 from server.errors import APIError, error_response, install_error_handlers
 from server.limits import limits_middleware
@@ -37,12 +39,13 @@ CLOSE_TIMEOUT_S = 2  # after the grace period, how long uvicorn waits before can
 
 
 def create_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="loraplex", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="loraplex", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.loraplex = state
     install_error_handlers(app)
     app.include_router(ollama.router)
     app.include_router(openai_api.router)
     app.include_router(adapters_api.router)
+    app.openapi = lambda: _openapi(app)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -63,6 +66,74 @@ def create_app(state: ServerState) -> FastAPI:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     return app
+
+
+# The handlers read their bodies with ``parse_body`` (a 400 in the API's own shape), so FastAPI cannot see
+# the models: the published schema gets them from here.
+_BODIES = {
+    "/api/generate": schemas.OllamaGenerateRequest,
+    "/api/chat": schemas.OllamaChatRequest,
+    "/api/embed": schemas.OllamaEmbedRequest,
+    "/api/embeddings": schemas.OllamaEmbeddingsRequest,
+    "/api/show": schemas.OllamaShowRequest,
+    "/v1/chat/completions": schemas.ChatCompletionRequest,
+    "/v1/completions": schemas.CompletionRequest,
+    "/v1/load_lora_adapter": adapters_api.LoadLoRARequest,
+    "/v1/unload_lora_adapter": adapters_api.UnloadLoRARequest,
+    "/api/create": adapters_api.OllamaCreateRequest,
+    "/api/delete": adapters_api.OllamaDeleteRequest,
+}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema with each route's JSON request body and the error shape of its route family."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    with warnings.catch_warnings():  # routes serving two methods share a name; the IDs are rewritten below
+        warnings.simplefilter("ignore")
+        spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    components = spec.setdefault("components", {}).setdefault("schemas", {})
+    ollama_error = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+    openai_error = {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type", "param", "code"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "param": {"type": ["string", "null"]},
+                    "code": {"type": ["string", "null"]},
+                },
+            }
+        },
+    }
+    components["OllamaError"], components["OpenAIError"] = ollama_error, openai_error
+    for path, methods in spec.get("paths", {}).items():
+        error = "OpenAIError" if path.startswith("/v1") else "OllamaError"
+        for method, operation in methods.items():
+            operation["operationId"] = f"{method}_{path.strip('/').replace('/', '_') or 'root'}"
+            operation.get("responses", {}).pop("422", None)  # bad bodies are 400s in the API's own shape
+            operation.setdefault("responses", {})["4XX"] = {
+                "description": "the request cannot be served as sent",
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{error}"}}},
+            }
+            model = _BODIES.get(path)
+            if model is None or method not in ("post", "put", "delete"):
+                continue
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+            }
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
+    app.openapi_schema = spec
+    return spec
 
 
 def lifecycle_middleware(state: ServerState, app: ASGIApp) -> ASGIApp:
