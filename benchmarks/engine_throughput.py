@@ -37,6 +37,7 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -189,6 +190,47 @@ def tensor_bytes(tensors: Iterator[torch.Tensor]) -> int:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total
+
+
+def held_tensors(value: object, depth: int = 2) -> list[torch.Tensor]:
+    """Tensors in a value, or in the dicts, lists and tuples it holds (a few levels down)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if depth == 0:
+        return []
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in held_tensors(v, depth - 1)]
+    return []
+
+
+def lora_layer_tensors(layer: torch.nn.Module) -> list[torch.Tensor]:
+    """What a multi-LoRA layer holds beyond its base layer: its own buffers and parameters, tensor attributes
+    (packed matrices) and tensors kept in dicts (per-slot weights)."""
+    own = [*layer.buffers(recurse=False), *layer.parameters(recurse=False)]
+    return own + [t for v in vars(layer).values() for t in held_tensors(v)]
+
+
+def engine_memory(engine: LLMEngine, workload: list[BenchRequest]) -> dict:
+    """Model memory of the engine with its adapters resident (they are activated by the first requests)."""
+    lora_tensors = [t for layer in engine.lora.layers.values() for t in lora_layer_tensors(layer)]
+    lora_bytes = tensor_bytes(iter(lora_tensors))
+    total_bytes = tensor_bytes(iter([*engine.model.parameters(), *engine.model.buffers(), *lora_tensors]))
+    registered = sum(getattr(a, "num_bytes", 0) for a in getattr(engine.lora, "adapters", {}).values())
+    limits = engine.config.limits
+    bytes_per_block = engine.kv_cache.num_bytes // limits.num_kv_blocks
+    return {
+        "model_mb": round(total_bytes / MB, 1),
+        "base_weights_mb": round((total_bytes - lora_bytes) / MB, 1),
+        "lora_in_layers_mb": round(lora_bytes / MB, 1),
+        "lora_registered_host_copies_mb": round(registered / MB, 1),
+        "kv_pool_allocated_mb": round(engine.kv_cache.num_bytes / MB, 1),
+        "kv_pool_needed_by_workload_mb": round(kv_blocks_needed(workload, limits.block_size) * bytes_per_block / MB, 1),
+        "note": "model_mb = parameters and buffers of the base + every tensor the multi-LoRA layers hold, after the "
+        "run (adapters resident); registered adapters' host copies and the KV pool are listed apart; the pool is "
+        "allocated zeroed up front, so it is resident and counts in peak_rss_growth_mb",
+    }
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -483,6 +525,19 @@ def run_copies(
 # ---- reporting -------------------------------------------------------------------------------------------------
 
 
+def source_revision() -> dict:
+    """The commit measured, and which engine files differed from it (others may be editing them)."""
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    changed = git("status", "--porcelain", "--", "engine", "adapters", "benchmarks/engine_throughput.py")
+    return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": changed.splitlines()}
+
+
 def machine_description(threads: int) -> dict:
     cpu = "unknown"
     with contextlib.suppress(OSError):
@@ -640,6 +695,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         config.limits = dataclasses.replace(config.limits, num_kv_blocks=args.num_kv_blocks)
     torch.set_num_threads(threads)
     machine = machine_description(threads)
+    revision = source_revision()
     model_dir, model_name = resolve_model_dir(config.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -656,20 +712,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     deployment = Deployment()
     engine = LLMEngine(config)
     deployment.loaded()
-    block_size = config.limits.block_size
-    bytes_per_block = engine.kv_cache.num_bytes // config.limits.num_kv_blocks
-    stacked = sum(tensor_bytes(iter(layer.buffers())) for layer in engine.lora.layers.values())
-    packed = sum(tensor_bytes(iter([layer.a_packed, layer.b_packed])) for layer in engine.lora.layers.values())
-    memory["loraplex"] = {
-        "model_mb": round((model_bytes(engine.model) + packed) / MB, 1),
-        "base_weights_mb": round((model_bytes(engine.model) - stacked) / MB, 1),
-        "lora_stacked_slots_mb": round(stacked / MB, 1),
-        "lora_packed_mb": round(packed / MB, 1),
-        "kv_pool_allocated_mb": round(engine.kv_cache.num_bytes / MB, 1),
-        "kv_pool_needed_by_workload_mb": round(kv_blocks_needed(workload, block_size) * bytes_per_block / MB, 1),
-        "note": "model_mb = parameters + buffers (base, stacked LoRA slots) + packed LoRA copies; the KV pool is "
-        "allocated zeroed up front and only its touched pages are resident (they show in peak_rss_growth_mb)",
-    }
+    memory["loraplex"] = {}
     run_loraplex(engine, warm, "warmup", "")
     with deployment.measure(memory["loraplex"]):
         log("loraplex: mixed adapters")
@@ -679,6 +722,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             results["base-only"] = run_loraplex(
                 engine, workload, "base-only", "loraplex, the same requests all on the base model", endpoint="base"
             )
+    memory["loraplex"] = {**engine_memory(engine, workload), **memory["loraplex"]}
     for name in ("loraplex", "base-only"):
         if name in results:
             results[name].memory = memory["loraplex"]
@@ -748,6 +792,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     report = {
         "benchmark": "engine_throughput",
         "machine": machine,
+        "source": revision,
         "model": {"name": model_name, "dtype": config.model.dtype, "device": config.model.device},
         "engine_limits": dataclasses.asdict(config.limits),
         "workload": describe_workload(workload, spec),
