@@ -49,10 +49,10 @@ class LimitsConfig:
     max_num_seqs: int = 64  # sequences running in one step, all endpoints together
     max_num_batched_tokens: int = 512  # tokens in one forward pass (prefill chunks + decodes)
     block_size: int = 16  # tokens per KV block
-    num_kv_blocks: int = 2048  # KV blocks in the pool (x block_size = tokens of KV cache)
+    num_kv_blocks: int = 1024  # KV blocks in the pool (x block_size = tokens of KV cache)
     max_model_len: int = 2048  # prompt + output tokens of one sequence
     max_loras: int = 4  # adapters resident in the slot tensors at once
-    max_lora_rank: int = 64
+    max_lora_rank: int = 16
     max_waiting: int = 256  # waiting-queue bound; past it requests are refused
 
     def __post_init__(self) -> None:

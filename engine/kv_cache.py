@@ -40,7 +40,9 @@ class KVCache:
         Returns two tensors of shape [B, num_kv_heads, max_blocks * block_size, head_dim].
         """
         batch, num_blocks = block_tables.shape
-        key = self.key_cache[layer][block_tables]  # [B, max_blocks, block_size, H_kv, D]
-        value = self.value_cache[layer][block_tables]
-        shape = (batch, num_blocks * self.block_size, *key.shape[3:])
+        flat = block_tables.reshape(-1)
+        # index_select on the block dimension: several times faster than advanced indexing on the CPU
+        key = self.key_cache[layer].index_select(0, flat)  # [B * max_blocks, block_size, H_kv, D]
+        value = self.value_cache[layer].index_select(0, flat)
+        shape = (batch, num_blocks * self.block_size, *key.shape[2:])
         return key.view(shape).transpose(1, 2), value.view(shape).transpose(1, 2)

@@ -1,8 +1,8 @@
 """The multi-LoRA layer that replaces each targeted projection of the base model.
 
-Lifecycle (as vLLM's LoRA layers): the stacked slot tensors are created once, ``set_lora(slot, a, b)`` writes
-one adapter, ``reset_lora(slot)`` clears it, and the per-step token -> slot mapping arrives through the shared
-``LoRABatch`` that the runner enters for each forward pass.
+Lifecycle (as vLLM's LoRA layers): ``set_lora(slot, a, b)`` writes one adapter, ``reset_lora(slot)`` clears it,
+and the per-step token -> slot mapping arrives through the shared ``LoRABatch`` that the runner enters for each
+forward pass.
 """
 
 from __future__ import annotations
@@ -50,7 +50,11 @@ class LoRABatch:
 
 
 class MultiLoRALinear(nn.Module):
-    """``base_layer(x)`` plus, for every token, the delta of that token's adapter slot."""
+    """``base_layer(x)`` plus, for every token, the delta of that token's adapter slot.
+
+    Only the packed matrices the served op multiplies by are kept on the device: slots 1..L side by side,
+    each padded to the largest resident rank r. Slot 0 (the base) has no columns and adds exactly nothing.
+    """
 
     def __init__(
         self, base_layer: nn.Module, max_loras: int, max_lora_rank: int, dtype: torch.dtype, batch: LoRABatch
@@ -59,51 +63,50 @@ class MultiLoRALinear(nn.Module):
         self.base_layer = base_layer
         self.in_features: int = base_layer.in_features
         self.out_features: int = base_layer.out_features
+        self.max_loras = max_loras
+        self.max_lora_rank = max_lora_rank
+        self.dtype = dtype
         self.batch = batch
-        device = next(base_layer.parameters()).device
-        num_slots = max_loras + 1  # slot 0 = no adapter, always zero
-        self.register_buffer(
-            "lora_a_stacked", torch.zeros(num_slots, max_lora_rank, self.in_features, dtype=dtype, device=device)
-        )  # [S, r_max, in]
-        self.register_buffer(
-            "lora_b_stacked", torch.zeros(num_slots, self.out_features, max_lora_rank, dtype=dtype, device=device)
-        )  # [S, out, r_max], scaling folded in
-        self.slot_ranks: dict[int, int] = {}  # resident slot -> its adapter's rank in this module
-        self.a_packed = torch.empty(0, self.in_features, dtype=dtype, device=device)  # [L*r, in]
-        self.b_packed = torch.empty(self.out_features, 0, dtype=dtype, device=device)  # [out, L*r]
+        self.device = next(base_layer.parameters()).device
+        self.slot_weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (a [r, in], b*s [out, r])
+        self.a_packed = torch.empty(0, self.in_features, dtype=dtype, device=self.device)  # [L*r, in]
+        self.b_packed = torch.empty(self.out_features, 0, dtype=dtype, device=self.device)  # [out, L*r]
         self.packed_slots = 0  # L: highest resident slot
         self.packed_rank = 0  # r: highest resident rank
 
+    @property
+    def slot_ranks(self) -> dict[int, int]:
+        return {slot: a.shape[0] for slot, (a, _) in self.slot_weights.items()}
+
     def set_lora(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
-        """Write one adapter (``lora_a`` [r, in], ``lora_b`` [out, r]) into ``slot``."""
-        assert slot >= 1, "slot 0 is the base model and stays zero"
-        self.reset_lora(slot, repack=False)
-        rank = lora_a.shape[0]
-        self.lora_a_stacked[slot, :rank] = lora_a.to(self.lora_a_stacked)
-        self.lora_b_stacked[slot, :, :rank] = (lora_b.float() * scaling).to(self.lora_b_stacked)  # one rounding
-        self.slot_ranks[slot] = rank
+        """Write one adapter (``lora_a`` [r, in], ``lora_b`` [out, r]) into ``slot``; scaling folds into b."""
+        assert 1 <= slot <= self.max_loras, f"slot {slot} outside 1..{self.max_loras} (0 is the base)"
+        assert lora_a.shape[0] <= self.max_lora_rank, "ranks are checked against max_lora_rank at load time"
+        b_scaled = (lora_b.float() * scaling).to(self.dtype)  # one rounding
+        self.slot_weights[slot] = (lora_a.to(self.device, self.dtype), b_scaled.to(self.device))
         self._repack()
 
-    def reset_lora(self, slot: int, repack: bool = True) -> None:
-        self.lora_a_stacked[slot].zero_()
-        self.lora_b_stacked[slot].zero_()
-        self.slot_ranks.pop(slot, None)
-        if repack:
-            self._repack()
+    def reset_lora(self, slot: int) -> None:
+        self.slot_weights.pop(slot, None)
+        self._repack()
 
     def _repack(self) -> None:
-        """Rebuild the compact [L*r] matrices the served op multiplies by, trimmed to what is resident."""
-        self.packed_slots = max(self.slot_ranks, default=0)
-        self.packed_rank = max(self.slot_ranks.values(), default=0)
-        slots, rank = slice(1, self.packed_slots + 1), self.packed_rank
-        self.a_packed = self.lora_a_stacked[slots, :rank].reshape(-1, self.in_features).contiguous()
-        self.b_packed = self.lora_b_stacked[slots, :, :rank].permute(1, 0, 2).reshape(self.out_features, -1)
-        self.b_packed = self.b_packed.contiguous()
+        """Rebuild the [L*r] matrices, trimmed to what is resident, when an adapter comes or goes."""
+        ranks = self.slot_ranks
+        self.packed_slots = max(ranks, default=0)
+        self.packed_rank = rank = max(ranks.values(), default=0)
+        a = torch.zeros(self.packed_slots, rank, self.in_features, dtype=self.dtype, device=self.device)
+        b = torch.zeros(self.out_features, self.packed_slots, rank, dtype=self.dtype, device=self.device)
+        for slot, (lora_a, b_scaled) in self.slot_weights.items():
+            a[slot - 1, : lora_a.shape[0]] = lora_a
+            b[:, slot - 1, : b_scaled.shape[1]] = b_scaled
+        self.a_packed = a.view(-1, self.in_features)
+        self.b_packed = b.view(self.out_features, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         mapping = self.batch.mapping
-        if mapping is None or not mapping.slots_in_batch.intersection(self.slot_ranks):
+        if mapping is None or not mapping.slots_in_batch.intersection(self.slot_weights):
             return y
         flat = x.reshape(-1, self.in_features)
         mask = mapping.column_mask(self.packed_slots, self.packed_rank, flat.dtype)
