@@ -29,6 +29,12 @@ class EngineCollector(Collector):
         self.async_engine: AsyncEngine | None = None
 
     def collect(self) -> Iterator[Metric]:
+        for metric in self._collect():
+            yield metric
+            for alias in VLLM_ALIASES.get(metric.name, ()):
+                yield _renamed(metric, alias)
+
+    def _collect(self) -> Iterator[Metric]:
         if self.async_engine is None:
             return
         engine, stats = self.async_engine.engine, self.async_engine.stats()
@@ -68,6 +74,22 @@ class EngineCollector(Collector):
         )
         info.add_metric([",".join(running), ",".join(waiting), str(engine.lora.max_loras)], time.time())
         return info
+
+
+# The names Kubernetes' Gateway API Inference Extension reads from a model server, so LoRA-aware routing
+# works unchanged (gpu_cache_usage_perc is the older name of kv_cache_usage_perc).
+VLLM_ALIASES = {
+    "loraplex_num_requests_waiting": ("vllm:num_requests_waiting",),
+    "loraplex_num_requests_running": ("vllm:num_requests_running",),
+    "loraplex_kv_cache_usage_perc": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+    "loraplex_lora_requests_info": ("vllm:lora_requests_info",),
+}
+
+
+def _renamed(metric: Metric, name: str) -> Metric:
+    copy = Metric(name, metric.documentation, metric.type)
+    copy.samples = [sample._replace(name=name) for sample in metric.samples]
+    return copy
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
