@@ -8,6 +8,8 @@ labels carry the adapters running and waiting). Renaming one breaks them.
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from collections.abc import Iterator
 
@@ -100,6 +102,13 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=value)
 
 
+access_log = logging.getLogger("loraplex.access")
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 4)
+
+
 class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -119,16 +128,43 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.time_per_output_token = Histogram(
+            "loraplex_time_per_output_token_seconds",
+            "Mean time between output tokens after the first, per request.",
+            ["endpoint"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
 
     def bind(self, async_engine: AsyncEngine) -> None:
         self.engine_collector.async_engine = async_engine
 
     def observe(self, endpoint: str, out: RequestOutput) -> None:
-        """Record a finished request's latencies from the engine's own timestamps."""
+        """Record a finished request's latencies from the engine's own timestamps, and log one access line."""
+        ttft = latency = tpot = None
         if out.prefill_done_time is not None:
-            self.time_to_first_token.labels(endpoint).observe(out.prefill_done_time - out.arrival_time)
+            ttft = out.prefill_done_time - out.arrival_time
+            self.time_to_first_token.labels(endpoint).observe(ttft)
         if out.finish_time is not None:
-            self.request_latency.labels(endpoint).observe(out.finish_time - out.arrival_time)
+            latency = out.finish_time - out.arrival_time
+            self.request_latency.labels(endpoint).observe(latency)
+            if out.prefill_done_time is not None and out.num_output_tokens > 1:
+                tpot = (out.finish_time - out.prefill_done_time) / (out.num_output_tokens - 1)
+                self.time_per_output_token.labels(endpoint).observe(tpot)
+        access_log.info(
+            json.dumps(
+                {
+                    "request_id": out.request_id,
+                    "endpoint": endpoint,
+                    "finish_reason": out.finish_reason.value if out.finish_reason else None,
+                    "prompt_tokens": out.num_prompt_tokens,
+                    "output_tokens": out.num_output_tokens,
+                    "ttft_s": _rounded(ttft),
+                    "tpot_s": _rounded(tpot),
+                    "latency_s": _rounded(latency),
+                }
+            )
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -21,6 +21,7 @@ METRIC_NAMES = [
     'loraplex_adapter_resident{adapter="chatbot"} 1.0',
     'loraplex_time_to_first_token_seconds_bucket{endpoint="chatbot"',
     'loraplex_request_latency_seconds_bucket{endpoint="chatbot"',
+    'loraplex_time_per_output_token_seconds_bucket{endpoint="chatbot"',
     # what the Gateway API Inference Extension reads, under vLLM's names
     "vllm:num_requests_waiting",
     "vllm:num_requests_running",
