@@ -14,6 +14,7 @@ held-out module is ever trained on in any domain.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.metadata
 import random
@@ -189,16 +190,22 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+@functools.cache
+def _parse(path: Path) -> tuple[str, ast.Module] | None:
+    """Cached: chatbot and summarization parse the same files (callers must not mutate the tree)."""
+    text = _read(path)
+    if not text:
+        return None
+    try:
+        return text, ast.parse(text)
+    except SyntaxError:
+        return None
+
+
 def _parsed(files: list[tuple[str, Path]]) -> Iterator[tuple[str, Path, str, ast.Module]]:
     for module, path in files:
-        text = _read(path)
-        if not text:
-            continue
-        try:
-            tree = ast.parse(text)
-        except SyntaxError:
-            continue
-        yield module, path, text, tree
+        if (parsed := _parse(path)) is not None:
+            yield module, path, *parsed
 
 
 def build(

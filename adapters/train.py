@@ -46,9 +46,9 @@ class TrainConfig:
 
 # Sized for about ten minutes each on two shared CPU cores (see adapters/README.md for measured times).
 DEFAULT_TRAIN = {
-    "chatbot": TrainConfig(steps=100, batch_size=4),
-    "code": TrainConfig(steps=100, batch_size=2, max_len=192),
-    "summarization": TrainConfig(steps=80, batch_size=4),
+    "chatbot": TrainConfig(steps=60, batch_size=4, warmup=6),
+    "code": TrainConfig(steps=60, batch_size=2, max_len=192, warmup=6),
+    "summarization": TrainConfig(steps=50, batch_size=4, warmup=5),
 }
 
 
