@@ -132,7 +132,7 @@ def markdown_samples(results: dict) -> str:
         prompt = sample["prompt"].strip().replace("\n", " ")
         prompt = prompt if len(prompt) <= 160 else prompt[:157] + "..."
         output = " ".join(sample["output"].split())
-        lines.append(f"- **{endpoint}** ({sample['domain']} prompt `{prompt}`): {output}")
+        lines.append(f"- **{endpoint}** ({sample['domain']} prompt `` {prompt} ``): {output}")
     return "\n".join(lines)
 
 
