@@ -240,6 +240,7 @@ def main() -> None:
     parser.add_argument("--adapter", choices=[*SPECS, "all"], default="all")
     parser.add_argument("--out", type=Path, default=ADAPTERS_DIR, help="adapters are written to OUT/<name>")
     parser.add_argument("--steps", type=int, help="override the per-adapter default")
+    parser.add_argument("--lr", type=float, help="override the per-adapter default")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads; on 2 cores shared with other work 1 was fastest"
@@ -247,7 +248,9 @@ def main() -> None:
     args = parser.parse_args()
     for name in SPECS if args.adapter == "all" else [args.adapter]:
         config = DEFAULT_TRAIN[name]
-        config = TrainConfig(**{**asdict(config), "seed": args.seed, "steps": args.steps or config.steps})
+        config = TrainConfig(
+            **{**asdict(config), "seed": args.seed, "steps": args.steps or config.steps, "lr": args.lr or config.lr}
+        )
         model, tokenizer = load_base(args.threads)
         train_examples, _ = data.build(name, seed=config.seed)
         start = time.perf_counter()
