@@ -75,7 +75,8 @@ class AsyncEngine:
         limit = self.engine.config.limits.max_waiting
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self.lock:
-            waiting = len(self.streams) - self.engine.stats.num_running
+            # live count (stats.num_running is refreshed only when stats are read); len() is atomic
+            waiting = len(self.streams) - len(self.engine.scheduler.running)
             if waiting >= limit:
                 raise QueueFullError(f"the waiting queue is full ({limit} requests); retry shortly")
             self.streams[request.request_id] = stream
