@@ -36,9 +36,11 @@ def test_soak_with_disconnects_and_timeouts_leaves_nothing_behind(server: InProc
     for entry in report["rounds"]:
         assert entry["idle"], entry
         assert not any(name.startswith("http 5") for name in entry["outcomes"]), entry
+    assert report["leaks"]["zero"], report["leaks"]
+    assert not any(name.startswith(("connection", "client")) for name in report["totals"]["errors"]), report["totals"]
     outcomes = {name for entry in report["rounds"] for name in entry["outcomes"]}
     assert {"completed", "disconnected"} <= outcomes, outcomes  # the seed exercises both paths
     steady = [entry["rss_mib"] for entry in report["rounds"][1:]]
-    print(f"RSS after rounds 1..{ROUNDS - 1}: {steady} MiB; drift {report['rss_drift_mib']} MiB")
+    print(f"RSS after rounds 1..{ROUNDS - 1}: {steady} MiB; drift from round 0 {report['rss_drift_mib']} MiB")
     assert max(steady) - min(steady) <= RSS_DRIFT_MIB, steady
     assert server.ok() and server.idle()
