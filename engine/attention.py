@@ -6,7 +6,7 @@ paged cache, then every sequence attends over its own context read back through 
 
 Backend: torch's ``scaled_dot_product_attention``. Decodes go in one call over their block tables padded to
 the longest context, with a length mask; each prefill chunk goes in its own call with a causal mask offset by
-the tokens already cached. On CUDA the same calls dispatch to fused kernels; a varlen paged kernel
+the tokens already cached (a chunk that is its sequence's whole context attends over its own K/V directly). On CUDA the same calls dispatch to fused kernels; a varlen paged kernel
 (FlashInfer or flash-attn) is the upgrade path behind the same signature.
 """
 
@@ -65,15 +65,19 @@ def paged_attention_forward(
     num_decodes = meta.num_decode_tokens
     if num_decodes:
         k, v = meta.kv_cache.gather(layer, meta.decode_block_tables)  # [B, H_kv, L, D]
-        decode_q = q[:, :num_decodes].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
-        decoded = F.scaled_dot_product_attention(
-            decode_q, k, v, attn_mask=meta.decode_mask, scale=scaling, enable_gqa=True
-        )  # [B, H, 1, D]
-        out[:num_decodes] = decoded.squeeze(2)
+        heads, kv_heads, head_dim = q.shape[0], k.shape[1], q.shape[2]
+        # Grouped-query attention as rows: the query heads that share a KV head become that head's query rows,
+        # so SDPA reads each gathered K/V once instead of expanding it per query head (enable_gqa copies it).
+        decode_q = q[:, :num_decodes].transpose(0, 1).reshape(num_decodes, kv_heads, heads // kv_heads, head_dim)
+        decoded = F.scaled_dot_product_attention(decode_q, k, v, attn_mask=meta.decode_mask, scale=scaling)
+        out[:num_decodes] = decoded.reshape(num_decodes, heads, head_dim)
     for chunk in meta.prefills:
-        k, v = meta.kv_cache.gather(layer, chunk.block_table)
-        k, v = k[:, :, : chunk.context_len], v[:, :, : chunk.context_len]
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
+        if chunk.causal_mask is None:  # the chunk is the whole context: its own K/V, no read-back
+            k, v = key[:, :, rows], value[:, :, rows]
+        else:
+            k, v = meta.kv_cache.gather(layer, chunk.block_table)
+            k, v = k[:, :, : chunk.context_len], v[:, :, : chunk.context_len]
         attended = F.scaled_dot_product_attention(
             q[None, :, rows],
             k,
