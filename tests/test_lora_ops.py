@@ -100,3 +100,32 @@ def test_layer_equals_peft_lora_layer_per_token_and_base_exactly_for_slot_zero()
     layer.reset_lora(3)
     with torch.no_grad(), batch.use(LoRAMapping(indices, frozenset({1, 3}))):
         assert torch.equal(layer(x), base.proj(x)), "after reset_lora the layer is the base layer"
+
+
+def test_swapping_a_slot_in_place_equals_packing_from_scratch() -> None:
+    """A smaller adapter written over a resident one leaves no trace of it: same output as a fresh layer."""
+    gen = torch.Generator().manual_seed(1)
+    fan_in, fan_out = 32, 24
+    base = nn.Linear(fan_in, fan_out)
+
+    def adapter(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(rank, fan_in, generator=gen), torch.randn(fan_out, rank, generator=gen)
+
+    first, second, replacement = adapter(16), adapter(8), adapter(4)
+    swapped = MultiLoRALinear(base, max_loras=2, max_lora_rank=16, dtype=torch.float32, batch=LoRABatch())
+    swapped.set_lora(1, *first, 0.5)
+    swapped.set_lora(2, *second, 2.0)
+    packed = swapped.a_packed
+    swapped.set_lora(1, *replacement, 1.5)
+    assert swapped.a_packed is packed, "room was there: the swap must write in place, not rebuild"
+
+    fresh = MultiLoRALinear(base, max_loras=2, max_lora_rank=16, dtype=torch.float32, batch=LoRABatch())
+    fresh.set_lora(1, *replacement, 1.5)
+    fresh.set_lora(2, *second, 2.0)
+    x = torch.randn(1, 5, fan_in, generator=gen)
+    indices = torch.tensor([1, 2, 0, 1, 2])
+    outputs = []
+    for layer in (swapped, fresh):
+        with torch.no_grad(), layer.batch.use(LoRAMapping(indices, frozenset({1, 2}))):
+            outputs.append(layer(x))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-6, atol=1e-6)

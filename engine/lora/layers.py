@@ -79,12 +79,29 @@ class MultiLoRALinear(nn.Module):
         return {slot: a.shape[0] for slot, (a, _) in self.slot_weights.items()}
 
     def set_lora(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
-        """Write one adapter (``lora_a`` [r, in], ``lora_b`` [out, r]) into ``slot``; scaling folds into b."""
+        """Write one adapter (``lora_a`` [r, in], ``lora_b`` [out, r]) into ``slot``; scaling folds into b.
+
+        Replaces whatever the slot held. Written in place when the packed matrices already have room (the
+        common swap: same or smaller rank into an existing slot); rebuilt only when they must grow.
+        """
         assert 1 <= slot <= self.max_loras, f"slot {slot} outside 1..{self.max_loras} (0 is the base)"
         assert lora_a.shape[0] <= self.max_lora_rank, "ranks are checked against max_lora_rank at load time"
         b_scaled = (lora_b.float() * scaling).to(self.dtype)  # one rounding
         self.slot_weights[slot] = (lora_a.to(self.device, self.dtype), b_scaled.to(self.device))
-        self._repack()
+        if slot <= self.packed_slots and lora_a.shape[0] <= self.packed_rank:
+            self._write_packed(slot)
+        else:
+            self._repack()
+
+    def _write_packed(self, slot: int) -> None:
+        lora_a, b_scaled = self.slot_weights[slot]
+        rank = lora_a.shape[0]
+        a = self.a_packed.view(self.packed_slots, self.packed_rank, self.in_features)[slot - 1]
+        b = self.b_packed.view(self.out_features, self.packed_slots, self.packed_rank)[:, slot - 1]
+        a.zero_()
+        b.zero_()
+        a[:rank] = lora_a
+        b[:, :rank] = b_scaled
 
     def reset_lora(self, slot: int) -> None:
         self.slot_weights.pop(slot, None)

@@ -59,11 +59,16 @@ class LoRAManager:
         return load_adapter(name, path, self.module_shapes, self.max_lora_rank)
 
     def load_slot(self, name: str, slot: int) -> None:
-        """Write a registered adapter into ``slot``, clearing whatever adapter was there before."""
-        self.clear_slot(slot)
+        """Write a registered adapter into ``slot``, replacing whatever adapter was there before.
+
+        Layers the adapter targets are overwritten; layers only the previous occupant targeted are cleared.
+        """
         adapter = self.adapters[name]
-        for module, lora_a in adapter.lora_a.items():
-            self.layers[module].set_lora(slot, lora_a, adapter.lora_b[module], adapter.scaling)
+        for module, layer in self.layers.items():
+            if module in adapter.lora_a:
+                layer.set_lora(slot, adapter.lora_a[module], adapter.lora_b[module], adapter.scaling)
+            elif slot in layer.slot_weights:
+                layer.reset_lora(slot)
 
     def clear_slot(self, slot: int) -> None:
         for layer in self.layers.values():
