@@ -6,8 +6,9 @@ paged cache, then every sequence attends over its own context read back through 
 
 Backend: torch's ``scaled_dot_product_attention``. Decodes go in one call over their block tables padded to
 the longest context, with a length mask; each prefill chunk goes in its own call with a causal mask offset by
-the tokens already cached (a chunk that is its sequence's whole context attends over its own K/V directly). On CUDA the same calls dispatch to fused kernels; a varlen paged kernel
-(FlashInfer or flash-attn) is the upgrade path behind the same signature.
+the tokens already cached (a chunk that is its sequence's whole context attends over its own K/V directly).
+On CUDA the same calls dispatch to fused kernels; a varlen paged kernel (FlashInfer or flash-attn) is the
+upgrade path behind the same signature.
 """
 
 from __future__ import annotations
