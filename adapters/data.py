@@ -1,6 +1,6 @@
 """Training and held-out data for the default adapters, built offline from what every Python install has.
 
-    code           plain-text chunks of standard-library source files
+    code           a stdlib function's signature and docstring, asked for in chat -> its source (docstring removed)
     summarization  a stdlib function's or class's source (docstring removed) -> the first line of its docstring
     chatbot        "What does `json.dumps` do?" -> the first paragraph of its docstring, phrased as an answer
     general        installed packages' long descriptions as plain text (held out only: never trained on)
@@ -37,8 +37,8 @@ SKIP_PARTS = {
     "ensurepip",
     "pydoc_data",
 }
-CODE_CHUNK_CHARS = 700  # ~190 tokens of Python
-SOURCE_CHARS = 700  # summarization prompt: the head of a function's source
+GENERAL_CHARS = 700  # ~190 tokens of prose per general example
+SOURCE_CHARS = 700  # summarization prompt: the head of a function's source; code: the longest answer
 QUESTIONS = (
     "What does the Python {kind} `{qual}` do?",
     "Can you explain `{qual}` from the Python standard library?",
@@ -49,6 +49,7 @@ MODULE_QUESTIONS = (
     "What is the Python module `{qual}` for?",
     "What does the standard-library module `{qual}` provide?",
 )
+CODE_PROMPT = "Write the Python function `{signature}` from the `{module}` module.\n\n{doc}"
 SUMMARY_PROMPT = "Summarize what this Python {kind} does in one line.\n\n```python\n{source}\n```"
 
 
@@ -86,20 +87,24 @@ def _read(path: Path) -> str | None:
 
 
 def code_examples(files: list[tuple[str, Path]]) -> list[Example]:
-    """Chunks of about CODE_CHUNK_CHARS that start on a line boundary."""
+    """ "Implement this function" requests: a public function's signature and docstring -> its source.
+
+    The answer is the function without its docstring, in a fenced Python block, as a code assistant replies.
+    """
     examples = []
-    for module, path in files:
-        text = _read(path)
-        if not text:
-            continue
-        chunk: list[str] = []
-        for line in text.splitlines(keepends=True):
-            chunk.append(line)
-            if sum(map(len, chunk)) >= CODE_CHUNK_CHARS:
-                examples.append(Example("", "".join(chunk), module))
-                chunk = []
-        if sum(map(len, chunk)) >= CODE_CHUNK_CHARS // 3:
-            examples.append(Example("", "".join(chunk), module))
+    for module, path, text, tree in _parsed(files):
+        for node in _documented_nodes(tree):
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            source = _without_docstring(node, text)
+            if len(source) > SOURCE_CHARS or source.count("\n") < 3:
+                continue
+            doc = _first_paragraph(ast.get_docstring(node))  # type: ignore[arg-type]
+            if not 15 <= len(doc) <= 400:
+                continue
+            signature = f"def {node.name}({ast.unparse(node.args)})"
+            prompt = CODE_PROMPT.format(module=_module_name(path), signature=signature, doc=doc)
+            examples.append(Example(prompt, f"```python\n{source}\n```", module))
     return examples
 
 
@@ -178,7 +183,7 @@ def general_examples(limit: int = 200) -> list[Example]:
         if not name or name.lower() in seen or len(description) < 400:
             continue
         seen.add(name.lower())
-        examples.append(Example("", description.strip()[:CODE_CHUNK_CHARS], name.lower()))
+        examples.append(Example("", description.strip()[:GENERAL_CHARS], name.lower()))
     return examples[:limit]
 
 

@@ -3,11 +3,11 @@
     python -m adapters.eval                       # adapters/<name>, writes benchmarks/results/adapter_eval.json
     python -m adapters.eval --adapters /tmp/trained --num-examples 16
 
-Loss is the mean next-token NLL (nats) over the held-out examples' trained tokens: the response for chat
-and summarization, every token for code and for ``general`` (installed packages' descriptions, never trained
-on), which shows what each adapter costs outside its domain. It reports and asserts nothing; the issue's bar
-is an adapter at least 15% below the base on its own domain. It also rewrites the "Evaluation" section of
-each adapter's card.
+Loss is the mean next-token NLL (nats) over the held-out examples' trained tokens: the response for the
+chatbot, code and summarization domains (all chat), every token for ``general`` (installed packages'
+descriptions as plain text, never trained on), which shows what each adapter costs outside its domain. It
+reports and asserts nothing; the issue's bar is an adapter at least 15% below the base on its own domain.
+It also rewrites the "Evaluation" section of each adapter's card.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from adapters.train import ADAPTERS_DIR, collate, encode_all, load_base, token_n
 RESULTS = ADAPTERS_DIR.parent / "benchmarks" / "results" / "adapter_eval.json"
 ROWS = ("base", *SPECS)
 SAMPLE_DOMAIN = {"base": "chatbot", "chatbot": "chatbot", "code": "code", "summarization": "summarization"}
-CODE_PROMPT_LINES = 8  # a code sample continues the first lines of a held-out chunk that starts a function
 
 
 def mean_nll(model: PeftModel, encoded: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> float:
@@ -41,20 +40,14 @@ def mean_nll(model: PeftModel, encoded: list[tuple[list[int], list[int]]], pad_i
 
 
 def sample_prompt(example: data.Example, tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[int]]:
-    """(prompt as shown, token ids): the chat template for chat domains, a chunk's first lines for code."""
-    if not example.prompt:
-        text = "".join(example.response.splitlines(keepends=True)[:CODE_PROMPT_LINES])
-        return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+    """(prompt as shown, token ids): the user's message through the chat template."""
     messages = [{"role": "user", "content": example.prompt}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return example.prompt, tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def sample_example(held_out: dict[str, list[data.Example]], endpoint: str) -> data.Example:
-    examples = held_out[SAMPLE_DOMAIN[endpoint]]
-    if SAMPLE_DOMAIN[endpoint] == "code":
-        return next((e for e in examples if e.response.startswith("def ")), examples[0])
-    return examples[0]
+    return held_out[SAMPLE_DOMAIN[endpoint]][0]
 
 
 def greedy(model: PeftModel, tokenizer: PreTrainedTokenizerBase, ids: list[int], max_new_tokens: int) -> str:

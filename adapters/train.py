@@ -4,8 +4,8 @@
     python -m adapters.train --adapter code --steps 20 --out /tmp/adapters
 
 Each adapter keeps the rank, alpha and targets of ``make_random.SPECS`` (the engine's tests rely on them).
-Chat and summarization examples go through the tokenizer's chat template and are trained on the response
-tokens only; code is plain text, trained on every token. Weights are stored in float16 with an
+Every example goes through the tokenizer's chat template and is trained on the response tokens only (plain
+text, with no prompt, would be trained on every token). Weights are stored in float16 with an
 ``adapter_config.json`` that PEFT and ``engine.lora.config.load_adapter`` both read, plus a short card.
 """
 
@@ -47,7 +47,7 @@ class TrainConfig:
 # Sized for about ten minutes each on two shared CPU cores (see adapters/README.md for measured times).
 DEFAULT_TRAIN = {
     "chatbot": TrainConfig(steps=60, batch_size=4, warmup=6),
-    "code": TrainConfig(steps=60, batch_size=2, max_len=192, warmup=6),
+    "code": TrainConfig(steps=80, batch_size=4, warmup=8),
     "summarization": TrainConfig(steps=50, batch_size=4, warmup=5),
 }
 
@@ -194,7 +194,8 @@ def save_adapter(peft_model: PeftModel, name: str, out: Path, card: str = "") ->
 DOMAIN_TEXT = {
     "chatbot": "questions about standard-library functions, classes and modules, answered from the first paragraph "
     "of their docstrings (signature + paragraph), through the chat template",
-    "code": "plain-text chunks (~700 characters) of standard-library source files",
+    "code": "a standard-library function's signature, module and docstring paragraph, asked for through the chat "
+    "template, answered with the function's source (docstring removed) in a fenced Python block",
     "summarization": "a standard-library function's or class's source with its docstring removed, through the chat "
     "template, answered with the docstring's first line",
 }
