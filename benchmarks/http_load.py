@@ -556,6 +556,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help=f"tiny run for CI: {QUICK}")
     parser.add_argument("--rates", help="comma-separated arrival rates in requests/s (default 0.25,0.5,1,2)")
     parser.add_argument("--num-requests", type=int, help="requests per rate (default 40)")
+    parser.add_argument("--prompt-len", help="MIN,MAX prompt tokens (default 32,256)")
+    parser.add_argument("--output-len", help="MIN,MAX num_predict (default 16,64)")
     parser.add_argument("--popularity", choices=("skewed", "uniform"), default="skewed")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}")
     parser.add_argument("--loraplex-threads", type=int, default=2, help="model.num_threads of the loraplex server")
@@ -571,7 +573,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     rates = tuple(float(r) for r in args.rates.split(",")) if args.rates else spec.rates
     if any(r <= 0 for r in rates):
         parser.error("--rates: every rate must be positive")
-    args.spec = LoadSpec(args.num_requests or spec.num_requests, spec.prompt_len, spec.output_len, rates, args.seed)
+    lengths = {}
+    for name in ("prompt_len", "output_len"):
+        value = getattr(args, name)
+        if value is None:
+            lengths[name] = getattr(spec, name)
+            continue
+        low, _, high = value.partition(",")
+        if not (low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high)):
+            parser.error(f"--{name.replace('_', '-')}: give MIN,MAX with 1 <= MIN <= MAX, not {value!r}")
+        lengths[name] = (int(low), int(high))
+    num_requests = args.num_requests or spec.num_requests
+    args.spec = LoadSpec(num_requests, lengths["prompt_len"], lengths["output_len"], rates, args.seed)
     return args
 
 
