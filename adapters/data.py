@@ -87,7 +87,7 @@ def _read(path: Path) -> str | None:
 
 
 def code_examples(files: list[tuple[str, Path]]) -> list[Example]:
-    """ "Implement this function" requests: a public function's signature and docstring -> its source.
+    """Requests to implement a function: a public function's signature and docstring -> its source.
 
     The answer is the function without its docstring, in a fenced Python block, as a code assistant replies.
     """
