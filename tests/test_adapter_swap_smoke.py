@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from benchmark_loader import load_benchmark
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def load_benchmark() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("adapter_swap", ROOT / "benchmarks" / "adapter_swap.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_benchmark()
+bench = load_benchmark("adapter_swap")
 
 
 def test_zipf_workload_is_seeded_and_skewed() -> None:

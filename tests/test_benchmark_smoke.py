@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from benchmark_loader import load_benchmark
 from transformers import AutoTokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_benchmark() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("engine_throughput", ROOT / "benchmarks" / "engine_throughput.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_benchmark()
+bench = load_benchmark("engine_throughput")
 
 
 def test_workload_is_seeded_spread_and_within_ranges(model_dir: Path) -> None:

@@ -6,28 +6,14 @@ quick run completes without an error, and the JSON, table and plot are written.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from benchmark_loader import load_benchmark
 from transformers import AutoTokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_benchmark() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("http_load", ROOT / "benchmarks" / "http_load.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_benchmark()
+bench = load_benchmark("http_load")
 
 
 def test_workload_is_seeded_and_within_ranges(model_dir: Path) -> None:
