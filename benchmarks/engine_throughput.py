@@ -111,9 +111,11 @@ class BenchRequest:
     max_tokens: int
 
 
-def source_token_pool(tokenizer: transformers.PreTrainedTokenizerBase) -> list[list[int]]:
+def source_token_pool(
+    tokenizer: transformers.PreTrainedTokenizerBase, modules: tuple[str, ...] = SOURCE_MODULES
+) -> list[list[int]]:
     """Token ids of the first SOURCE_CHARS characters of each source module: real text, on every machine."""
-    texts = [inspect.getsource(importlib.import_module(name))[:SOURCE_CHARS] for name in SOURCE_MODULES]
+    texts = [inspect.getsource(importlib.import_module(name))[:SOURCE_CHARS] for name in modules]
     return [tokenizer.encode(text, add_special_tokens=False) for text in texts]
 
 
@@ -538,17 +540,19 @@ def source_revision() -> dict:
     return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": changed.splitlines()}
 
 
-def machine_description(threads: int) -> dict:
-    cpu = "unknown"
+def cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def machine_description(threads: int) -> dict:
     import peft
 
     return {
-        "cpu_model": cpu,
+        "cpu_model": cpu_model(),
         "logical_cores": os.cpu_count(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],

@@ -41,8 +41,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import importlib
-import inspect
 import json
 import math
 import os
@@ -69,6 +67,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import engine_throughput as et  # noqa: E402
+
 from engine.config import EngineConfig, load_config  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
@@ -77,8 +78,8 @@ SKEWED = {"chatbot": 0.4, "code": 0.3, "summarization": 0.15, "base": 0.15}
 UNIFORM = {"chatbot": 0.25, "code": 0.25, "summarization": 0.25, "base": 0.25}
 P99_LIMIT_S = 10.0  # the old design's p99 past which the target is checked
 TARGET_RATIO = 1 / 3  # loraplex p99 / old p99 must stay under this there
+# Not engine_throughput's module list: this one made the committed results (each module's first 12,000 chars).
 SOURCE_MODULES = ("argparse", "collections", "email.message", "http.client", "inspect", "logging", "pathlib")
-SOURCE_CHARS = 12_000
 READY_TIMEOUT_S = 300
 
 
@@ -108,11 +109,6 @@ class LoadRequest:
     offset: float  # arrival time at rate 1 (seconds); at rate r it arrives at offset / r
 
 
-def source_token_pool(tokenizer) -> list[list[int]]:
-    texts = [inspect.getsource(importlib.import_module(name))[:SOURCE_CHARS] for name in SOURCE_MODULES]
-    return [tokenizer.encode(text, add_special_tokens=False) for text in texts]
-
-
 def endpoint_counts(popularity: dict[str, float], n: int) -> dict[str, int]:
     """Requests per endpoint in proportion to its popularity, rounded by largest remainder (sums to ``n``)."""
     total = sum(popularity.values())
@@ -128,7 +124,7 @@ def make_workload(tokenizer, spec: LoadSpec, popularity: dict[str, float]) -> li
     """``spec.num_requests`` requests, each endpoint's share exactly its popularity (rounded), in a seeded random
     order, with unit-rate exponential gaps."""
     rng = random.Random(spec.seed)
-    pool = source_token_pool(tokenizer)
+    pool = et.source_token_pool(tokenizer, SOURCE_MODULES)
     endpoints = [name for name, count in endpoint_counts(popularity, spec.num_requests).items() for _ in range(count)]
     rng.shuffle(endpoints)
     requests, offset = [], 0.0
@@ -466,14 +462,8 @@ def evaluate_target(systems: dict[str, dict]) -> dict:
 
 
 def machine_description() -> dict:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     return {
-        "cpu_model": cpu,
+        "cpu_model": et.cpu_model(),
         "logical_cores": os.cpu_count(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
