@@ -4,6 +4,8 @@ One process, one run, one workload, the default model (SmolLM2-135M-Instruct, fl
 
     loraplex                 every request submitted at once to one engine; adapters share each forward pass
     loraplex, base only      the same prompts and lengths, all on the base model: what adapters cost
+    loraplex, unpacked       ``model.packed_weights = false``: torch's default CPU matmul instead of weights
+                             pre-packed for oneDNN (engine/cpu_linear.py); must give the same greedy tokens
     (a) PEFT one at a time   transformers + PEFT, ``set_adapter`` then greedy ``generate`` per request
     (b) PEFT static batches  PEFT's mixed-adapter ``generate(adapter_names=...)``, batches of ``--batch-size``
                              in arrival order, each batch run to its longest request
@@ -64,7 +66,7 @@ from engine.loader import resolve_model_dir  # noqa: E402
 from engine.sequence import FinishReason, Request, SamplingParams  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
-BASELINES = ("base-only", "peft-sequential", "peft-batched", "copies", "thread-sweep")
+BASELINES = ("base-only", "unpacked", "peft-sequential", "peft-batched", "copies", "thread-sweep")
 # Standard-library modules whose source (code and docstrings) the prompts are cut from.
 SOURCE_MODULES = (
     "argparse",
@@ -188,8 +190,9 @@ def tensor_bytes(tensors: Iterator[torch.Tensor]) -> int:
     seen: set[int] = set()
     total = 0
     for t in tensors:
-        if t.data_ptr() not in seen:  # tied weights count once
-            seen.add(t.data_ptr())
+        key = t.data_ptr() if t.layout == torch.strided else id(t)  # oneDNN-packed weights have no data pointer
+        if key not in seen:  # tied weights count once
+            seen.add(key)
             total += t.numel() * t.element_size()
     return total
 
@@ -747,6 +750,21 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             s["tokens_per_s"] = round(s["tokens"] / s["seconds"], 2)
             s["seconds"] = round(s["seconds"], 3)
     del engine
+
+    if "unpacked" not in args.skip:
+        log("loraplex: unpacked weights (torch's default CPU matmul)")
+        deployment = Deployment()
+        unpacked = LLMEngine(dataclasses.replace(config, model=dataclasses.replace(config.model, packed_weights=False)))
+        deployment.loaded()
+        memory["unpacked"] = {}
+        run_loraplex(unpacked, warm, "warmup", "")
+        with deployment.measure(memory["unpacked"]):
+            results["unpacked"] = run_loraplex(
+                unpacked, workload, "unpacked", "loraplex with model.packed_weights = false"
+            )
+        memory["unpacked"] = {**engine_memory(unpacked, workload), **memory["unpacked"]}
+        results["unpacked"].memory = memory["unpacked"]
+        del unpacked
 
     # (a) and (b): one base with the three adapters loaded into PEFT.
     if {"peft-sequential", "peft-batched"} - args.skip:

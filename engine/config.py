@@ -30,6 +30,8 @@ class ModelConfig:
     quantization: str = "none"  # none | nf4 | int8 (bitsandbytes)
     num_threads: int = 2  # torch intra-op threads on the CPU; 0 = leave torch's default
     cache_dir: str = ""  # where a GGUF is converted to safetensors; "" = ~/.cache/loraplex
+    # float32 on the CPU: pre-pack projection weights for oneDNN (fast small batches; engine/cpu_linear.py)
+    packed_weights: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -40,6 +42,8 @@ class ModelConfig:
             raise ConfigError(f"model.device = {self.device!r}; use 'cpu' or 'cuda[:N]'")
         if self.num_threads < 0:
             raise ConfigError(f"model.num_threads = {self.num_threads}; use 0 (torch default) or more")
+        if not isinstance(self.packed_weights, bool):
+            raise ConfigError(f"model.packed_weights = {self.packed_weights!r}; use true or false")
 
 
 @dataclass
@@ -214,10 +218,19 @@ def _env_overrides(data: dict[str, Any]) -> None:
     """LORAPLEX_<SECTION>_<KEY> overrides a scalar, e.g. LORAPLEX_MODEL_DEVICE=cuda."""
     for section_name, cls in (("model", ModelConfig), ("limits", LimitsConfig), ("server", ServerConfig)):
         for f in dataclasses.fields(cls):
-            value = os.environ.get(f"LORAPLEX_{section_name}_{f.name}".upper())
+            variable = f"LORAPLEX_{section_name}_{f.name}".upper()
+            value = os.environ.get(variable)
             if value is not None:
                 kind = type(getattr(cls(), f.name))
-                data.setdefault(section_name, {})[f.name] = kind(value)
+                data.setdefault(section_name, {})[f.name] = _parse_env(kind, value, variable)
+
+
+def _parse_env(kind: type, value: str, name: str) -> Any:
+    if kind is not bool:
+        return kind(value)
+    if value.lower() not in ("1", "0", "true", "false"):
+        raise ConfigError(f"{name} = {value!r}; use true or false")
+    return value.lower() in ("1", "true")
 
 
 def load_config(path: str | Path | None = None) -> EngineConfig:

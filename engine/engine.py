@@ -15,6 +15,7 @@ import torch
 from engine.attention import register_paged_attention
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.cpu_linear import pack_for_cpu, uses_packed_weights
 from engine.detokenizer import Detokenizer
 from engine.errors import AdapterError, QueueFullError, RequestError, UnknownEndpointError
 from engine.kv_cache import KVCache
@@ -80,6 +81,8 @@ class LLMEngine:
         dtype = getattr(torch, config.model.dtype)
         # LoRA layers go on before the first forward pass (bitsandbytes 4-bit repacks weights on it).
         self.lora = LoRAManager(self.model, limits.max_loras, limits.max_lora_rank, dtype)
+        if uses_packed_weights(config.model):
+            pack_for_cpu(self.model)  # after LoRA attaches (its base layers get packed too), before any forward
         self.endpoint_adapters: dict[str, str | None] = {}  # endpoint -> adapter name (None = base)
         for endpoint in config.endpoints:
             self.endpoint_adapters[endpoint.name] = endpoint.name if endpoint.adapter else None

@@ -24,11 +24,24 @@ def test_env_overrides_a_scalar(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.limits.max_num_seqs == 12 and config.model.dtype == "bfloat16"
 
 
+@pytest.mark.parametrize(("value", "expected"), [("false", False), ("0", False), ("True", True), ("1", True)])
+def test_env_overrides_a_boolean(monkeypatch: pytest.MonkeyPatch, value: str, expected: bool) -> None:
+    monkeypatch.setenv("LORAPLEX_MODEL_PACKED_WEIGHTS", value)
+    assert load_config().model.packed_weights is expected
+
+
+def test_env_boolean_that_is_not_one_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORAPLEX_MODEL_PACKED_WEIGHTS", "maybe")
+    with pytest.raises(ConfigError, match="LORAPLEX_MODEL_PACKED_WEIGHTS"):
+        load_config()
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("[model]\ndtype = 'float8'\n", "model.dtype"),
         ("[model]\nquantization = 'gptq'\n", "model.quantization"),
+        ("[model]\npacked_weights = 'yes'\n", "model.packed_weights"),
         ("[limits]\nmax_num_seqs = 0\n", "limits.max_num_seqs"),
         ("[limits]\nmax_model_len = 99999\n", "max_model_len"),
         ("[limits]\nmax_num_seqs = 2\n[[endpoints]]\nname='a'\nslots=3\n", "max_num_seqs"),

@@ -1,0 +1,99 @@
+"""The CPU matmul swaps of engine/cpu_linear.py: same results as ``nn.Linear``, same parameters, same ties."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from engine.config import EngineConfig, ModelConfig
+from engine.cpu_linear import PackedLinear, WeightFirstLinear, pack_for_cpu, packing_available, uses_packed_weights
+from engine.engine import LLMEngine
+from engine.sequence import Request, SamplingParams
+
+pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 576), (3, 576), (17, 576), (1, 5, 576)])
+def test_packed_linear_equals_linear(shape: tuple[int, ...], bias: bool) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(576, 1536, bias=bias)
+    x = torch.randn(shape)
+    out = PackedLinear(linear)(x)
+    assert out.shape == (*shape[:-1], 1536)
+    torch.testing.assert_close(out, linear(x), rtol=1e-5, atol=1e-4)
+
+
+def test_packed_linear_row_does_not_depend_on_its_batch_companions() -> None:
+    """Each row's result is bit-identical alone or among others: batching cannot move a greedy token."""
+    torch.manual_seed(0)
+    packed = PackedLinear(nn.Linear(576, 576, bias=False))
+    x = torch.randn(48, 576)
+    together = packed(x)
+    for rows in (1, 2, 3, 8):
+        assert torch.equal(packed(x[:rows]), together[:rows])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_weight_first_linear_equals_linear_and_keeps_the_weight(rows: int) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 1000, bias=True)
+    head = WeightFirstLinear(linear)
+    x = torch.randn(1, rows, 64)
+    assert head.weight is linear.weight
+    torch.testing.assert_close(head(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_pack_for_cpu_keeps_logits_parameters_and_the_embedding_tie() -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.inference_mode():
+        expected = model(ids).logits
+    params = sum(p.numel() for p in model.parameters())
+    assert pack_for_cpu(model) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    assert all(type(m) is not nn.Linear for m in model.modules())
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert sum(p.numel() for p in model.parameters()) == params
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({}, True),
+        ({"packed_weights": False}, False),
+        ({"dtype": "bfloat16"}, False),
+        ({"quantization": "nf4"}, False),
+        ({"device": "cuda"}, False),
+    ],
+)
+def test_packing_applies_only_to_a_plain_float32_cpu_base(change: dict, expected: bool) -> None:
+    assert uses_packed_weights(dataclasses.replace(ModelConfig(), **change)) is expected
+
+
+def test_engine_greedy_tokens_are_the_same_packed_or_not(default_config: EngineConfig, engine: LLMEngine) -> None:
+    """The oracle suite runs packed (the default); this pins the unpacked path to the same tokens."""
+    unpacked = LLMEngine(
+        dataclasses.replace(default_config, model=dataclasses.replace(default_config.model, packed_weights=False))
+    )
+    assert not any(isinstance(m, PackedLinear) for m in unpacked.model.modules())
+    assert any(isinstance(m, PackedLinear) for m in engine.model.modules())
+    prompts = [engine.tokenizer.encode(text) for text in ("def fibonacci(n):", "The capital of France is", "Hi")]
+    requests = [
+        Request(f"packed-{i}", endpoint, prompt, SamplingParams(max_tokens=24, ignore_eos=True))
+        for i, (endpoint, prompt) in enumerate(zip(["base", "chatbot", "code"], prompts, strict=True))
+    ]
+    expected = engine.generate(requests)
+    got = unpacked.generate([dataclasses.replace(r) for r in requests])
+    for request_id, outputs in expected.items():
+        assert [t for o in got[request_id] for t in o.new_token_ids] == [t for o in outputs for t in o.new_token_ids]
