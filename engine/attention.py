@@ -4,8 +4,9 @@ One forward pass carries decode tokens (one query each) and prefill chunks of di
 into a single row of T tokens: decodes first, then the chunks. Each layer writes this step's K/V into the
 paged cache, then every sequence attends over its own context read back through its block table.
 
-Backend: torch's ``scaled_dot_product_attention``. Decodes go in one call over their block tables padded to
-the longest context, with a length mask; each prefill chunk goes in its own call with a causal mask offset by
+Backend: torch's ``scaled_dot_product_attention``. Decodes, sorted by context length by the runner, go in
+groups of a few sequences, one call per group over its block tables padded to the group's longest context, with
+a length mask; each prefill chunk goes in its own call with a causal mask offset by
 the tokens already cached (a chunk that is its sequence's whole context attends over its own K/V directly).
 On CUDA the same calls dispatch to fused kernels; a varlen paged kernel (FlashInfer or flash-attn) is the
 upgrade path behind the same signature.
@@ -36,14 +37,23 @@ class PrefillChunk:
 
 
 @dataclass
+class DecodeGroup:
+    """Decode tokens ``start .. start + count`` of the flattened batch, attended in one call."""
+
+    start: int
+    count: int
+    block_tables: torch.Tensor  # [count, max_blocks], padded with block 0
+    mask: torch.Tensor  # [count, 1, 1, max_blocks * block_size] bool, True where the key counts
+
+
+@dataclass
 class AttentionMetadata:
     """Everything attention needs for one step; built by the runner, passed to the model as a kwarg."""
 
     kv_cache: KVCache
     slot_mapping: torch.Tensor  # [T] flat cache slot of each token
     num_decode_tokens: int  # the first num_decode_tokens tokens are decodes, one per sequence
-    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks], padded with block 0
-    decode_mask: torch.Tensor  # [num_decodes, 1, 1, max_blocks * block_size] bool, True where the key counts
+    decode_groups: list[DecodeGroup]
     prefills: list[PrefillChunk]
 
 
@@ -63,15 +73,15 @@ def paged_attention_forward(
     meta.kv_cache.write(layer, key[0].transpose(0, 1), value[0].transpose(0, 1), meta.slot_mapping)
     q = query[0]  # [H, T, D]
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, D]
-    num_decodes = meta.num_decode_tokens
-    if num_decodes:
-        k, v = meta.kv_cache.gather(layer, meta.decode_block_tables)  # [B, H_kv, L, D]
-        heads, kv_heads, head_dim = q.shape[0], k.shape[1], q.shape[2]
+    heads, kv_heads, head_dim = q.shape[0], key.shape[1], q.shape[2]
+    for group in meta.decode_groups:
+        rows = slice(group.start, group.start + group.count)
+        k, v = meta.kv_cache.gather(layer, group.block_tables)  # [count, H_kv, L, D]
         # Grouped-query attention as rows: the query heads that share a KV head become that head's query rows,
         # so SDPA reads each gathered K/V once instead of expanding it per query head (enable_gqa copies it).
-        decode_q = q[:, :num_decodes].transpose(0, 1).reshape(num_decodes, kv_heads, heads // kv_heads, head_dim)
-        decoded = F.scaled_dot_product_attention(decode_q, k, v, attn_mask=meta.decode_mask, scale=scaling)
-        out[:num_decodes] = decoded.reshape(num_decodes, heads, head_dim)
+        decode_q = q[:, rows].transpose(0, 1).reshape(group.count, kv_heads, heads // kv_heads, head_dim)
+        decoded = F.scaled_dot_product_attention(decode_q, k, v, attn_mask=group.mask, scale=scaling)
+        out[rows] = decoded.reshape(group.count, heads, head_dim)
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
         if chunk.causal_mask is None:  # the chunk is the whole context: its own K/V, no read-back

@@ -7,12 +7,17 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from engine.attention import AttentionMetadata, PrefillChunk
+from engine.attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from engine.block_manager import BlockManager
 from engine.kv_cache import KVCache
-from engine.lora.layers import LoRAMapping
+from engine.lora.layers import LoRAMapping, LoRASegment
 from engine.lora.manager import LoRAManager
 from engine.scheduler import ScheduledChunk
+
+# Decodes attend in groups of this many sequences of similar context length. On the 2-core CPU this was
+# measured on, 48 decodes with contexts of 20-400 tokens took 2.4-3.3 ms per layer in groups of 8-12 against
+# 9-25 ms in one call padded to the longest: less padding gathered and read, and a group's K/V stays in cache.
+DECODE_GROUP_SEQS = 8
 
 
 @dataclass
@@ -38,8 +43,8 @@ class ModelRunner:
         self.device = next(model.parameters()).device
 
     def prepare_inputs(self, chunks: list[ScheduledChunk]) -> StepInputs:
-        """Decodes first, then prefill chunks; one entry per token in every flat list."""
-        decodes = [c for c in chunks if c.num_tokens == 1]
+        """Decodes first (shortest context first), then prefill chunks; one entry per token in every flat list."""
+        decodes = sorted((c for c in chunks if c.num_tokens == 1), key=lambda c: c.seq.num_computed_tokens)
         prefills = [c for c in chunks if c.num_tokens > 1]
         ordered = decodes + prefills
         input_ids: list[int] = []
@@ -48,6 +53,7 @@ class ModelRunner:
         lora_indices: list[int] = []
         logits_indices: list[int] = []
         prefill_chunks: list[PrefillChunk] = []
+        segments: list[LoRASegment] = []
         for chunk in ordered:
             seq, start = chunk.seq, chunk.seq.num_computed_tokens
             end = start + chunk.num_tokens
@@ -60,21 +66,32 @@ class ModelRunner:
                 logits_indices.append(len(input_ids) - 1)
             if chunk.num_tokens > 1:
                 prefill_chunks.append(self._prefill_chunk(seq.seq_id, query_start, start, end))
+                if seq.lora_slot:
+                    segments.append(LoRASegment(query_start, len(input_ids), seq.lora_slot))
         tensor = self._tensor
         meta = AttentionMetadata(
             kv_cache=self.kv_cache,
             slot_mapping=tensor(slot_mapping),
             num_decode_tokens=len(decodes),
-            decode_block_tables=self._block_tables([c.seq.seq_id for c in decodes]),
-            decode_mask=self._decode_mask([c.seq.num_computed_tokens + 1 for c in decodes]),
+            decode_groups=[
+                self._decode_group(start, decodes[start : start + DECODE_GROUP_SEQS])
+                for start in range(0, len(decodes), DECODE_GROUP_SEQS)
+            ],
             prefills=prefill_chunks,
         )
         lora_slots = frozenset(lora_indices) - {0}
+        mapping = LoRAMapping(
+            tensor(lora_indices),
+            lora_slots,
+            num_mixed_rows=len(decodes),
+            segments=tuple(segments),
+            mixed_slots=frozenset(c.seq.lora_slot for c in decodes) - {0},
+        )
         return StepInputs(
             input_ids=tensor(input_ids),
             positions=tensor(positions),
             attn_metadata=meta,
-            lora_mapping=LoRAMapping(tensor(lora_indices), lora_slots),
+            lora_mapping=mapping,
             logits_indices=tensor(logits_indices),
             sampled_chunks=[c for c in ordered if c.samples],
         )
@@ -93,6 +110,14 @@ class ModelRunner:
             causal_mask = key_pos[None, :] <= query_pos[:, None]  # [q, end]
         table = self.block_manager.block_tables[seq_id][: -(-end // self.block_manager.block_size)]
         return PrefillChunk(query_start, end - start, end, self._tensor(table)[None], causal_mask)
+
+    def _decode_group(self, start: int, decodes: list[ScheduledChunk]) -> DecodeGroup:
+        return DecodeGroup(
+            start,
+            len(decodes),
+            self._block_tables([c.seq.seq_id for c in decodes]),
+            self._decode_mask([c.seq.num_computed_tokens + 1 for c in decodes]),
+        )
 
     def _block_tables(self, seq_ids: list[str]) -> torch.Tensor:  # [B, max_blocks]
         tables = [self.block_manager.block_tables[s] for s in seq_ids]

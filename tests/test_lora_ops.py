@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.lora.layers import LoRABatch, LoRAMapping, MultiLoRALinear
+from engine.lora.layers import LoRABatch, LoRAMapping, LoRASegment, MultiLoRALinear
 from engine.lora.ops import column_mask, lora_grouped, lora_masked_dense, lora_reference
 
 NUM_SLOTS = 4  # resident adapters, slots 1..4
@@ -129,3 +129,35 @@ def test_swapping_a_slot_in_place_equals_packing_from_scratch() -> None:
         with torch.no_grad(), layer.batch.use(LoRAMapping(indices, frozenset({1, 2}))):
             outputs.append(layer(x))
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("base_layer", [nn.Linear(48, 40), nn.Linear(48, 40, bias=False)])
+def test_mixed_rows_then_segments_equal_the_reference_loop(base_layer: nn.Linear) -> None:
+    """The runner's layout: decodes of mixed adapters, then prefill chunks of one adapter each (base ones unlisted)."""
+    gen = torch.Generator().manual_seed(2)
+    ranks = {1: 4, 2: 16, 3: 8}
+    layer = MultiLoRALinear(base_layer, max_loras=3, max_lora_rank=16, dtype=torch.float32, batch=LoRABatch())
+    a = torch.zeros(4, 16, 48)
+    b = torch.zeros(4, 40, 16)
+    for slot, rank in ranks.items():
+        a[slot, :rank] = torch.randn(rank, 48, generator=gen)
+        b[slot, :, :rank] = torch.randn(40, rank, generator=gen)
+        layer.set_lora(slot, a[slot, :rank], b[slot, :, :rank], 1.0)
+    decodes = [2, 0, 1, 2, 3]
+    chunks = [(3, 7), (0, 5), (1, 9)]  # (slot, tokens)
+    indices = torch.tensor(decodes + [slot for slot, n in chunks for _ in range(n)])
+    segments, start = [], len(decodes)
+    for slot, n in chunks:
+        if slot:
+            segments.append(LoRASegment(start, start + n, slot))
+        start += n
+    x = torch.randn(1, len(indices), 48, generator=gen)
+    mapping = LoRAMapping(
+        indices, frozenset({1, 2, 3}), len(decodes), tuple(segments), mixed_slots=frozenset({1, 2, 3})
+    )
+    with torch.no_grad(), layer.batch.use(mapping):
+        got = layer(x)[0]
+    want = base_layer(x)[0] + lora_reference(x[0], a, b, indices)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    base_rows = indices == 0
+    assert torch.equal(got[base_rows], base_layer(x)[0][base_rows]), "base rows are the base layer exactly"

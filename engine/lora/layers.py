@@ -17,19 +17,38 @@ from torch import nn
 from engine.lora.ops import column_mask, lora_masked_dense
 
 
+@dataclass(frozen=True)
+class LoRASegment:
+    """Rows ``start .. end`` of the flattened batch all use adapter ``slot`` (one prefill chunk)."""
+
+    start: int
+    end: int
+    slot: int
+
+
 @dataclass
 class LoRAMapping:
-    """Which adapter slot each token of one forward pass uses."""
+    """Which adapter slot each token of one forward pass uses.
+
+    Rows ``0 .. num_mixed_rows`` mix adapters (decodes, one token per sequence) and take the masked-dense op;
+    the rows after them are prefill chunks, one adapter each, listed in ``segments`` (base chunks left out),
+    and take one pair of matmuls over that adapter's own columns: at hundreds of rows a chunk would otherwise
+    pay for every resident slot's columns.
+    """
 
     token_lora_indices: torch.Tensor  # [T], 0 = no adapter
     slots_in_batch: frozenset[int]  # distinct non-zero slots, known on the host
-    masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (slots, rank) -> [T, slots*rank]
+    num_mixed_rows: int | None = None  # None: every row is mixed (no segments)
+    segments: tuple[LoRASegment, ...] = ()
+    mixed_slots: frozenset[int] | None = None  # non-zero slots among the mixed rows; None = slots_in_batch
+    masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (slots, rank) -> [rows, slots*rank]
 
     def column_mask(self, num_slots: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
         """Shared by every layer with the same packed width, so it is built once per step."""
         key = (num_slots, rank)
         if key not in self.masks:
-            self.masks[key] = column_mask(self.token_lora_indices, num_slots, rank, dtype)
+            indices = self.token_lora_indices[: self.num_mixed_rows]
+            self.masks[key] = column_mask(indices, num_slots, rank, dtype)
         return self.masks[key]
 
 
@@ -125,7 +144,16 @@ class MultiLoRALinear(nn.Module):
         mapping = self.batch.mapping
         if mapping is None or not mapping.slots_in_batch.intersection(self.slot_weights):
             return y
-        flat = x.reshape(-1, self.in_features)
-        mask = mapping.column_mask(self.packed_slots, self.packed_rank, flat.dtype)
-        delta = lora_masked_dense(flat.to(self.a_packed.dtype), self.a_packed, self.b_packed, mask)
-        return y + delta.view(y.shape).to(y.dtype)
+        flat = x.reshape(-1, self.in_features).to(self.a_packed.dtype)
+        out = y.view(-1, self.out_features)  # the base layer's fresh output: the deltas are added in place
+        mixed_rows = flat.shape[0] if mapping.num_mixed_rows is None else mapping.num_mixed_rows
+        mixed_slots = mapping.slots_in_batch if mapping.mixed_slots is None else mapping.mixed_slots
+        if mixed_rows and mixed_slots.intersection(self.slot_weights):
+            mask = mapping.column_mask(self.packed_slots, self.packed_rank, flat.dtype)
+            out[:mixed_rows] += lora_masked_dense(flat[:mixed_rows], self.a_packed, self.b_packed, mask).to(y.dtype)
+        for segment in mapping.segments:
+            if segment.slot in self.slot_weights:
+                lora_a, b_scaled = self.slot_weights[segment.slot]
+                rows = slice(segment.start, segment.end)
+                out[rows] += ((flat[rows] @ lora_a.T) @ b_scaled.T).to(y.dtype)
+        return y

@@ -7,11 +7,13 @@ Semantics (the loop every implementation must equal)::
         if s != 0:
             y[t] += (x[t] @ lora_a[s].T) @ lora_b[s].T     # lora_b already carries the scaling
 
-``lora_reference`` is that loop in plain torch, used by the tests. ``lora_masked_dense`` is the form served:
-with few resident adapters, two dense matmuls over all slots plus a per-token column mask cost a few percent of
-the base matmul and need no data-dependent control flow (no host sync, CUDA-graph friendly). ``lora_grouped``
-loops over the adapters present in the batch instead (the segment form); it wins when many slots are resident
-but few are used, and is kept for measurement.
+``lora_reference`` is that loop in plain torch, used by the tests. ``lora_masked_dense`` is the form served
+for decode rows, where adapters interleave token by token: with few resident adapters, two dense matmuls over
+all slots plus a per-token column mask cost a few percent of the base matmul and need no data-dependent control
+flow (no host sync, CUDA-graph friendly). A prefill chunk is a contiguous run of one adapter's rows, so the
+layer gives it one pair of matmuls over that adapter's own columns instead (``MultiLoRALinear.forward``).
+``lora_grouped`` gathers each adapter's rows wherever they are (the general segment form); it wins when many
+slots are resident but few are used, and is kept for measurement.
 """
 
 from __future__ import annotations
