@@ -46,6 +46,8 @@ def test_quick_run_writes_json_table_and_plot(tmp_path: Path) -> None:
         assert {"tokens", "seconds", "tokens_per_s", "loraplex_speedup", "memory", "latency_s"} <= set(system), name
         assert system["tokens"] == 12, name
         assert system["memory"]["model_mb"] > 0 and "peak_rss_growth_mb" in system["memory"], name
+    assert len(data["systems"]["loraplex"]["seconds_per_round"]) == 2
+    assert data["systems"]["loraplex"]["same_tokens_every_round"] is True
     assert data["systems"]["peft-batched"]["batch_size"] == 16
     assert "| loraplex (1 thr) | 3 | 12 |" in (tmp_path / "engine_throughput.md").read_text()
     assert (tmp_path / "engine_throughput.png").stat().st_size > 0
