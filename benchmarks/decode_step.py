@@ -1,0 +1,136 @@
+"""Time of one decode step at small batch sizes, with the weights pre-packed for oneDNN and without.
+
+Light serving load decodes a few sequences at a time; this is where ``engine/cpu_linear.py`` is meant to pay.
+For each batch size, ``batch`` requests (one per endpoint in turn, 64-token prompts) are prefilled, then
+``--steps`` decode steps of ``LLMEngine.step`` are timed. The two engines (``model.packed_weights`` true and
+false) run in one process and alternate for ``--rounds`` rounds, so machine drift hits both alike; each
+figure is the median step over all rounds.
+
+    python benchmarks/decode_step.py                  # batches 1,2,3,4,8, results in benchmarks/results/
+    python benchmarks/decode_step.py --quick --out /tmp/decode_step
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from engine.config import load_config  # noqa: E402
+from engine.engine import LLMEngine  # noqa: E402
+from engine.sequence import Request, SamplingParams  # noqa: E402
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results"
+PROMPT_LEN = 64
+
+
+def decode_step_seconds(engine: LLMEngine, batch: int, steps: int, tag: str) -> list[float]:
+    """Prefill ``batch`` requests, then time ``steps`` decode-only steps; the requests are aborted after."""
+    endpoints = list(engine.endpoint_adapters)
+    ids = [f"{tag}-{i}" for i in range(batch)]
+    for i, request_id in enumerate(ids):
+        prompt = list(range(1000 + i, 1000 + i + PROMPT_LEN))
+        params = SamplingParams(max_tokens=steps + 2, ignore_eos=True)
+        engine.add_request(Request(request_id, endpoints[i % len(endpoints)], prompt, params))
+    while any(t.seq.num_computed_tokens < len(t.seq.request.prompt_token_ids) for t in engine.tracked.values()):
+        engine.step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    for request_id in ids:
+        engine.abort(request_id)
+    return times
+
+
+def run(args: argparse.Namespace) -> dict:
+    transformers.logging.set_verbosity_error()
+    config = load_config()
+    config.model.num_threads = args.threads
+    torch.set_num_threads(args.threads)
+    engines = {
+        variant: LLMEngine(dataclasses.replace(config, model=dataclasses.replace(config.model, packed_weights=packed)))
+        for variant, packed in (("packed", True), ("unpacked", False))
+    }
+    times: dict[str, dict[int, list[float]]] = {v: {b: [] for b in args.batches} for v in engines}
+    for round_index in range(args.rounds):
+        for batch in args.batches:
+            for variant, engine in engines.items():
+                tag = f"{variant}-{round_index}-{batch}"
+                times[variant][batch] += decode_step_seconds(engine, batch, args.steps, tag)
+        print(f"round {round_index + 1} of {args.rounds} done", flush=True)
+    rows = []
+    for batch in args.batches:
+        packed_ms = statistics.median(times["packed"][batch]) * 1e3
+        unpacked_ms = statistics.median(times["unpacked"][batch]) * 1e3
+        rows.append(
+            {
+                "batch": batch,
+                "packed_ms": round(packed_ms, 1),
+                "unpacked_ms": round(unpacked_ms, 1),
+                "speedup": round(unpacked_ms / packed_ms, 2),
+            }
+        )
+    table = "\n".join(
+        ["| sequences | packed ms/step | unpacked ms/step | unpacked ÷ packed |", "| ---: | ---: | ---: | ---: |"]
+        + [f"| {r['batch']} | {r['packed_ms']} | {r['unpacked_ms']} | {r['speedup']} |" for r in rows]
+    )
+    from engine_throughput import cpu_model, source_revision
+
+    return {
+        "benchmark": "decode_step",
+        "machine": {
+            "cpu_model": cpu_model(),
+            "logical_cores": os.cpu_count(),
+            "torch_threads": args.threads,
+            "torch": torch.__version__,
+        },
+        "source": source_revision(),
+        "settings": {"prompt_len": PROMPT_LEN, "steps": args.steps, "rounds": args.rounds},
+        "rows": rows,
+        "table": table,
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="batches 1,3, 3 steps, 1 round")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    args.batches = [1, 3] if args.quick else [1, 2, 3, 4, 8]
+    if args.quick:
+        args.steps, args.rounds = 3, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    report = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "decode_step.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "decode_step.md").write_text(f"# Decode step, packed against unpacked weights\n\n{report['table']}\n")
+    print(report["table"])
+    return report
+
+
+if __name__ == "__main__":
+    main()
