@@ -67,7 +67,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
+if str(ROOT / "benchmarks") not in sys.path:  # the sibling script whose workload helpers this one shares
+    sys.path.insert(0, str(ROOT / "benchmarks"))
 import engine_throughput as et  # noqa: E402
 
 from engine.config import EngineConfig, load_config  # noqa: E402
