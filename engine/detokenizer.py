@@ -1,8 +1,18 @@
 """Incremental output text with stop strings.
 
-Each new token re-decodes the output ids (cheap next to a forward pass) so multi-token characters and
-tokenizer spacing come out exactly as a full decode would. Text is released only when it can no longer
-change: an incomplete UTF-8 character ("\\ufffd") or a possible beginning of a stop string is held back.
+Re-decoding all output ids at every token costs O(n) per token: about 1 ms per sequence at 2,048 tokens on
+the CPU this was measured on, taken from the engine loop at every step for every running sequence. Instead,
+each token decodes a short window: the ids since the last settled point, plus the ids of the settled step
+before it as context (SentencePiece tokenizers drop a word's leading space at the start of a decode; the
+context makes that drop the same in both decodes). The new text is the window's decode minus the context's.
+A point is settled once its text no longer ends in an incomplete UTF-8 character ("\\ufffd"), so a
+multi-byte character split across tokens comes out whole, as a full decode gives it.
+
+Text is the plain concatenation of the tokens' text (``clean_up_tokenization_spaces=False``), as Ollama and
+vLLM stream it: a cleanup would rewrite text already sent (" ." into ".") and alters code.
+
+Text is released only when it can no longer change: an incomplete character or a possible beginning of a
+stop string is held back.
 """
 
 from __future__ import annotations
@@ -17,10 +27,23 @@ class Detokenizer:
         self.hold_back = max((len(s) for s in stop), default=1) - 1
         self.text = ""  # everything decoded so far, stop string cut once found
         self.released = 0  # characters of text already handed out
+        self.context_start = 0  # ids[context_start:settled] are decoded again as context for the window
+        self.settled = 0  # ids whose text is final
+        self.settled_chars = 0  # len(text) that ids[:settled] produce
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def update(self, output_token_ids: list[int]) -> bool:
         """Decode the output so far; True if a stop string appeared (``text`` is then cut before it)."""
-        self.text = self.tokenizer.decode(output_token_ids, skip_special_tokens=True)
+        ids = output_token_ids
+        if len(ids) < self.settled:  # the output never shrinks; start over rather than guess
+            self.context_start = self.settled = self.settled_chars = 0
+        context = self._decode(ids[self.context_start : self.settled])
+        window = self._decode(ids[self.context_start :])
+        self.text = self.text[: self.settled_chars] + window[len(context) :]
+        if len(ids) > self.settled and not self.text.endswith("\ufffd"):
+            self.context_start, self.settled, self.settled_chars = self.settled, len(ids), len(self.text)
         hits = [i for i in (self.text.find(s, max(0, self.released - len(s))) for s in self.stop) if i >= 0]
         if hits:
             self.text = self.text[: min(hits)]
