@@ -1,0 +1,146 @@
+"""Time the sampler takes per engine step, for the parameter sets clients send by default.
+
+The sampler runs on the engine loop between forward passes, so its time adds to every step. Rows are
+random logits over the default model's 49,152-token vocabulary with 200-token histories; the parameter sets:
+
+- greedy: temperature 0 (the benchmarks and the oracle);
+- ollama: Ollama's defaults (temperature 0.8, top_k 40, top_p 0.9, repeat_penalty 1.1 over 64 tokens);
+- openai: OpenAI's defaults (temperature 1, top_p 1, no penalties);
+- penalties: temperature 0.7, top_p 0.95, presence and frequency penalties 0.5.
+
+``--against REV`` also times ``engine/sampling.py`` as of git revision REV in the same process, alternating
+with the working tree's, so the two see the same machine.
+
+    python benchmarks/sampler_step.py                          # results in benchmarks/results/
+    python benchmarks/sampler_step.py --against HEAD~1 --out /tmp/sampler
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "benchmarks"):  # run as a script from anywhere; engine_throughput's helpers
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import torch  # noqa: E402
+from engine_throughput import cpu_model, source_revision  # noqa: E402
+
+from engine.sampling import Sampler  # noqa: E402
+from engine.sequence import Request, SamplingParams, Sequence  # noqa: E402
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results"
+VOCAB = 49152
+HISTORY = 200
+PROFILES = {
+    "greedy": SamplingParams(),
+    "ollama": SamplingParams(temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.1, repeat_last_n=64),
+    "openai": SamplingParams(temperature=1.0),
+    "penalties": SamplingParams(temperature=0.7, top_p=0.95, presence_penalty=0.5, frequency_penalty=0.5),
+}
+
+
+def batch(profile: str, size: int, seed: int) -> tuple[torch.Tensor, list[Sequence], list[torch.Generator]]:
+    rng = torch.Generator().manual_seed(seed)
+    logits = torch.randn(size, VOCAB, generator=rng) * 4
+    seqs = []
+    for i in range(size):
+        history = torch.randint(0, VOCAB, (HISTORY,), generator=rng).tolist()
+        seq = Sequence(Request(f"r{i}", "base", history[: HISTORY // 2], PROFILES[profile]))
+        seq.output_token_ids = history[HISTORY // 2 :]
+        seqs.append(seq)
+    return logits, seqs, [torch.Generator().manual_seed(i) for i in range(size)]
+
+
+def sampler_at(revision: str) -> Callable:
+    """``Sampler`` from ``engine/sampling.py`` as of ``revision``."""
+    source = subprocess.run(
+        ["git", "show", f"{revision}:engine/sampling.py"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    folder = Path(tempfile.mkdtemp())
+    (folder / "sampling_at_revision.py").write_text(source)
+    spec = importlib.util.spec_from_file_location("sampling_at_revision", folder / "sampling_at_revision.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.Sampler()
+
+
+def time_once(sampler: Callable, profile: str, size: int, seed: int) -> float:
+    logits, seqs, generators = batch(profile, size, seed)
+    start = time.perf_counter()
+    sampler(logits, seqs, generators)
+    return time.perf_counter() - start
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    samplers = {"current": Sampler()}
+    if args.against:
+        samplers[args.against] = sampler_at(args.against)
+    rows = []
+    for profile in PROFILES:
+        for size in args.batches:
+            times: dict[str, list[float]] = {name: [] for name in samplers}
+            for repeat in range(args.repeats):
+                for name, sampler in samplers.items():
+                    times[name].append(time_once(sampler, profile, size, seed=repeat))
+            row = {"profile": profile, "batch": size}
+            row.update({f"{name}_ms": round(statistics.median(t) * 1e3, 2) for name, t in times.items()})
+            rows.append(row)
+            print(row, flush=True)
+    names = list(samplers)
+    header = "| params | batch | " + " | ".join(f"{n} ms" for n in names) + " |"
+    lines = [header, "| --- | ---: |" + " ---: |" * len(names)]
+    lines += [
+        f"| {r['profile']} | {r['batch']} | " + " | ".join(str(r[f"{n}_ms"]) for n in names) + " |" for r in rows
+    ]
+    return {
+        "benchmark": "sampler_step",
+        "machine": {"cpu_model": cpu_model(), "logical_cores": os.cpu_count(), "torch_threads": args.threads},
+        "source": source_revision(),
+        "settings": {"vocab": VOCAB, "history": HISTORY, "repeats": args.repeats, "against": args.against},
+        "profiles": {name: vars(params) for name, params in PROFILES.items()},
+        "rows": rows,
+        "table": "\n".join(lines),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="batches 1,4, 2 repeats")
+    parser.add_argument("--against", default="", help="also time engine/sampling.py at this git revision")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    args.batches = [1, 4] if args.quick else [1, 8, 64, 128]
+    if args.quick:
+        args.repeats = 2
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    report = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sampler_step.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (args.out / "sampler_step.md").write_text(f"# Sampler time per step\n\n{report['table']}\n")
+    print(report["table"])
+    return report
+
+
+if __name__ == "__main__":
+    main()
