@@ -89,7 +89,10 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     samplers = {"current": Sampler()}
     if args.against:
-        samplers[args.against] = sampler_at(args.against)
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", args.against], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        samplers[commit] = sampler_at(commit)
     rows = []
     for profile in PROFILES:
         for size in args.batches:
@@ -104,9 +107,7 @@ def run(args: argparse.Namespace) -> dict:
     names = list(samplers)
     header = "| params | batch | " + " | ".join(f"{n} ms" for n in names) + " |"
     lines = [header, "| --- | ---: |" + " ---: |" * len(names)]
-    lines += [
-        f"| {r['profile']} | {r['batch']} | " + " | ".join(str(r[f"{n}_ms"]) for n in names) + " |" for r in rows
-    ]
+    lines += [f"| {r['profile']} | {r['batch']} | " + " | ".join(str(r[f"{n}_ms"]) for n in names) + " |" for r in rows]
     return {
         "benchmark": "sampler_step",
         "machine": {"cpu_model": cpu_model(), "logical_cores": os.cpu_count(), "torch_threads": args.threads},
