@@ -186,6 +186,7 @@ class SwapTrials:
         """One step in which a request on ``endpoint`` prefills and gets its one token; returns (step, TTFT)."""
         self.count += 1
         request_id = f"{kind}-{self.count}"
+        self.engine.block_manager.reset_prefix_cache()  # every join prefills its whole (repeated) prompt
         self.engine.add_request(Request(request_id, endpoint, list(self.prompt), SamplingParams(1, ignore_eos=True)))
         step = timed_step(self.engine, self.recorder)
         mine = [o for o in step.outputs if o.request_id == request_id]

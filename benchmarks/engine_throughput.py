@@ -351,6 +351,7 @@ def run_loraplex(
         )
         for r in workload
     ]
+    engine.block_manager.reset_prefix_cache()  # a replayed workload must not reuse the previous run's K/V
     steps, preemptions = engine.stats.steps_total, engine.stats.preemptions_total
     start, start_monotonic = time.perf_counter(), time.monotonic()
     results = engine.generate(requests)

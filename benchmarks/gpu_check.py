@@ -634,6 +634,7 @@ class StepRecorder:
 def run_engine(engine: LLMEngine, requests: list[Request], device: torch.device) -> dict:
     """All requests at once, stepped to completion; throughput, full-batch decode step times, phases, memory."""
     reset_peak(device)
+    engine.block_manager.reset_prefix_cache()  # the same prompts run in every configuration: no reuse across them
     recorder = StepRecorder(engine)
     for request in requests:
         engine.add_request(request)

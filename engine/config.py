@@ -58,10 +58,15 @@ class LimitsConfig:
     max_loras: int = 4  # adapters resident in the slot tensors at once
     max_lora_rank: int = 16
     max_waiting: int = 256  # waiting-queue bound; past it requests are refused
+    prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix computed before (same adapter)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.prefix_caching, bool):
+            raise ConfigError(f"limits.prefix_caching = {self.prefix_caching!r}; use true or false")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name == "prefix_caching":
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"limits.{f.name} = {value!r}; use a positive integer")
         if self.max_model_len > self.num_kv_blocks * self.block_size:

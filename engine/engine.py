@@ -6,6 +6,7 @@ This class is single-threaded; ``async_engine.AsyncEngine`` runs it in a loop th
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -62,6 +63,8 @@ class EngineStats:
     preemptions_total: int = 0
     steps_total: int = 0
     requests_finished: dict[str, int] = field(default_factory=dict)  # by finish reason
+    prefix_cache_queries_total: int = 0  # tokens of admitted sequences looked up in the prefix cache
+    prefix_cache_hits_total: int = 0  # of those, tokens whose K/V were reused
 
 
 @dataclass
@@ -84,10 +87,15 @@ class LLMEngine:
         if uses_packed_weights(config.model):
             pack_for_cpu(self.model)  # after LoRA attaches (its base layers get packed too), before any forward
         self.endpoint_adapters: dict[str, str | None] = {}  # endpoint -> adapter name (None = base)
+        # Prefix-cache salt per adapter: a version number too, so an adapter loaded again under the same name
+        # never reuses K/V its predecessor computed.
+        self.cache_salts: dict[str, bytes] = {}
+        self.adapter_versions = itertools.count(1)
         for endpoint in config.endpoints:
             self.endpoint_adapters[endpoint.name] = endpoint.name if endpoint.adapter else None
             if endpoint.adapter:
                 self.lora.adapters[endpoint.name] = self.lora.read(endpoint.name, endpoint.adapter)
+                self.cache_salts[endpoint.name] = f"{endpoint.name}#{next(self.adapter_versions)}".encode()
         self.retired_adapters: set[str] = set()  # unloaded, but still used by unfinished requests
         self.model.set_attn_implementation(register_paged_attention())
         text_config = self.model.config.get_text_config()
@@ -142,6 +150,7 @@ class LLMEngine:
                 f"adapter {adapter.name!r}: its previous version still serves requests in flight; retry shortly"
             )
         self.lora.adapters[adapter.name] = adapter
+        self.cache_salts[adapter.name] = f"{adapter.name}#{next(self.adapter_versions)}".encode()
         self.endpoint_adapters[adapter.name] = adapter.name
         self.scheduler.endpoint_slots[adapter.name] = configured.slots if configured else slots
 
@@ -189,6 +198,7 @@ class LLMEngine:
         endpoint = self.resolve_endpoint(request.endpoint)
         request.endpoint = endpoint
         seq = Sequence(request=request, lora_name=self.endpoint_adapters[endpoint])
+        seq.cache_salt = self.cache_salts[seq.lora_name] if seq.lora_name else b""
         generator = torch.Generator(device=self.kv_cache.key_cache[0].device)
         seed = request.params.seed
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
@@ -246,6 +256,8 @@ class LLMEngine:
         self.stats.num_waiting = len(self.scheduler.waiting)
         self.stats.num_running = len(self.scheduler.running)
         self.stats.kv_blocks_used = self.block_manager.num_used_blocks
+        self.stats.prefix_cache_queries_total = self.scheduler.prefix_cache_queries
+        self.stats.prefix_cache_hits_total = self.scheduler.prefix_cache_hits
         return self.stats
 
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -259,6 +271,7 @@ class LLMEngine:
         for chunk in chunks:
             seq = chunk.seq
             seq.num_computed_tokens += chunk.num_tokens
+            self.scheduler.remember_computed(seq, chunk.num_tokens)
             if seq.seq_id not in sampled:
                 continue
             token = sampled[seq.seq_id]

@@ -79,7 +79,10 @@ def _draw(weights: torch.Tensor, generators: list[torch.Generator | None]) -> to
     uniform = torch.cat([torch.rand(1, generator=g, device=device) for g in generators])
     cdf = weights.cumsum(dim=-1)
     target = (uniform * cdf[:, -1])[:, None]
-    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=weights.shape[-1] - 1)
+    drawn = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    # a uniform just below 1 can round the target up to the total: take the last column of weight instead
+    last = weights.shape[-1] - 1 - (weights > 0).flip(-1).to(torch.uint8).argmax(dim=-1)
+    return torch.minimum(drawn, last)
 
 
 def sample_plain(scaled: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:

@@ -10,7 +10,9 @@ Policy, in order, every step:
    slots allow (an adapter not resident takes a free slot or the least recently used idle one).
    An endpoint below its slots is always admissible; one at or above them may borrow idle capacity only
    while enough stays free for every other endpoint that has work waiting and is below its slots. A request
-   that cannot be admitted does not block requests of other endpoints behind it.
+   that cannot be admitted does not block requests of other endpoints behind it. With prefix caching, a
+   sequence admitted from the start first takes the cached blocks of its longest cached prefix (same
+   adapter) and computes only the rest; at least its last token is always computed, for its logits.
 The scheduler never touches tensors.
 """
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from engine.block_manager import BlockManager
+from engine.block_manager import BlockManager, block_keys
 from engine.config import LimitsConfig
 from engine.lora.slots import SlotTable
 from engine.sequence import Sequence, SequenceStatus
@@ -60,6 +62,9 @@ class Scheduler:
         self.endpoint_slots = endpoint_slots  # endpoint -> guaranteed concurrency
         self.block_manager = block_manager
         self.lora_slots = lora_slots or SlotTable(limits.max_loras)  # adapter residency
+        self.prefix_caching = limits.prefix_caching
+        self.prefix_cache_queries = 0  # tokens of admitted sequences looked up in the prefix cache
+        self.prefix_cache_hits = 0  # of those, tokens whose blocks were reused
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # oldest first
         self.running_per_endpoint: Counter[str] = Counter()
@@ -174,9 +179,32 @@ class Scheduler:
                 continue
             if seq.lora_name is not None and not self.lora_slots.can_acquire(seq.lora_name):
                 continue  # every adapter slot is held by running sequences; others may still fit
+            if self.prefix_caching and seq.num_computed_tokens == 0:
+                self._reuse_prefix(seq)
             num_tokens = min(seq.num_uncomputed_tokens, budget)
-            if not self.block_manager.may_allocate(seq.seq_id, num_tokens):
+            if not self.block_manager.may_allocate(seq.seq_id, seq.num_computed_tokens + num_tokens):
+                self.block_manager.free(seq.seq_id)  # the reused blocks go back to the cache
+                seq.num_computed_tokens = 0
                 return  # out of KV blocks: wait for running sequences to finish
+            if self.prefix_caching:
+                self.prefix_cache_queries += seq.num_tokens
+                self.prefix_cache_hits += seq.num_computed_tokens
             self._start_running(seq, out)
             out.chunks.append(ScheduledChunk(seq, num_tokens))
             budget -= num_tokens
+
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        block_size = self.block_manager.block_size
+        seq.block_keys = block_keys(seq.cache_salt, seq.token_ids, block_size, seq.block_keys)
+        usable = (seq.num_tokens - 1) // block_size  # the last token is computed again: its logits are sampled
+        seq.num_computed_tokens = self.block_manager.reuse_prefix(seq.seq_id, seq.block_keys[:usable])
+
+    def remember_computed(self, seq: Sequence, num_new_tokens: int) -> None:
+        """After a step that computed ``num_new_tokens`` more of ``seq``: cache its newly completed blocks."""
+        block_size = self.block_manager.block_size
+        full = seq.num_computed_tokens // block_size
+        if not self.prefix_caching or full == (seq.num_computed_tokens - num_new_tokens) // block_size:
+            return
+        if len(seq.block_keys) < full:
+            seq.block_keys = block_keys(seq.cache_salt, seq.token_ids[: full * block_size], block_size, seq.block_keys)
+        self.block_manager.remember(seq.seq_id, seq.block_keys[:full])

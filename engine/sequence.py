@@ -89,6 +89,8 @@ class Sequence:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     prefill_done_time: float | None = None
+    cache_salt: bytes = b""  # names the adapter (and its version) in prefix-cache keys; b"" = the base
+    block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the full blocks so far
 
     @property
     def seq_id(self) -> str:

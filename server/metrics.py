@@ -48,6 +48,16 @@ class EngineCollector(Collector):
         yield _counter("loraplex_prompt_tokens", "Prompt tokens received.", stats.prompt_tokens_total)
         yield _counter("loraplex_generation_tokens", "Tokens generated.", stats.generation_tokens_total)
         yield _counter("loraplex_preemptions", "Sequences preempted for lack of KV blocks.", stats.preemptions_total)
+        yield _counter(
+            "loraplex_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            stats.prefix_cache_queries_total,
+        )
+        yield _counter(
+            "loraplex_prefix_cache_hits",
+            "Prompt tokens whose K/V the prefix cache held.",
+            stats.prefix_cache_hits_total,
+        )
         finished = CounterMetricFamily(
             "loraplex_requests_finished", "Requests finished, by finish reason.", labels=["reason"]
         )

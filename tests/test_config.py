@@ -30,6 +30,12 @@ def test_env_overrides_a_boolean(monkeypatch: pytest.MonkeyPatch, value: str, ex
     assert load_config().model.packed_weights is expected
 
 
+def test_env_turns_prefix_caching_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_config().limits.prefix_caching is True
+    monkeypatch.setenv("LORAPLEX_LIMITS_PREFIX_CACHING", "false")
+    assert load_config().limits.prefix_caching is False
+
+
 def test_env_boolean_that_is_not_one_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORAPLEX_MODEL_PACKED_WEIGHTS", "maybe")
     with pytest.raises(ConfigError, match="LORAPLEX_MODEL_PACKED_WEIGHTS"):
@@ -42,6 +48,7 @@ def test_env_boolean_that_is_not_one_names_the_variable(monkeypatch: pytest.Monk
         ("[model]\ndtype = 'float8'\n", "model.dtype"),
         ("[model]\nquantization = 'gptq'\n", "model.quantization"),
         ("[model]\npacked_weights = 'yes'\n", "model.packed_weights"),
+        ("[limits]\nprefix_caching = 1\n", "limits.prefix_caching"),
         ("[limits]\nmax_num_seqs = 0\n", "limits.max_num_seqs"),
         ("[limits]\nmax_model_len = 99999\n", "max_model_len"),
         ("[limits]\nmax_num_seqs = 2\n[[endpoints]]\nname='a'\nslots=3\n", "max_num_seqs"),

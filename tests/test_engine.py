@@ -156,3 +156,23 @@ def test_penalties_change_greedy_output_and_stay_deterministic(engine: LLMEngine
     assert tokens(penal["q0"]) != tokens(plain["p"])
     generated = tokens(penal["q0"])
     assert len(set(generated)) > len(generated) // 2, "penalties should discourage repeats"
+
+
+def test_prefix_cache_is_off_when_configured_and_never_crosses_an_adapter_reload(make_engine) -> None:
+    ids = list(range(1000, 1100))
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    off = make_engine(prefix_caching=False)
+    for i in range(2):
+        run(off, [Request(f"off{i}", "code", ids, params)])
+    assert off.update_stats().prefix_cache_hits_total == 0 and off.block_manager.num_cached_blocks == 0
+
+    engine = make_engine()
+    path = engine.config.endpoint("code").adapter
+    engine.add_adapter(engine.lora.read("extra", path))
+    run(engine, [Request("a", "extra", ids, params)])
+    engine.remove_adapter("extra")
+    engine.add_adapter(engine.lora.read("extra", path))  # same name, a new version: its cache starts empty
+    run(engine, [Request("b", "extra", ids, params)])
+    assert engine.update_stats().prefix_cache_hits_total == 0
+    run(engine, [Request("c", "extra", ids, params)])
+    assert engine.update_stats().prefix_cache_hits_total == 96

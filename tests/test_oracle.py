@@ -91,3 +91,23 @@ def test_chunked_prefill_preemption_and_late_arrivals_match_oracle(make_engine, 
     cases = [(ENDPOINTS[(i + 2) % 4], p) for i, p in enumerate(prompts)]
     run_and_compare(engine, oracle, cases, stagger=3)
     assert engine.stats.preemptions_total > 0, "the tiny KV pool should have forced a preemption"
+
+
+def test_prefix_cache_reuse_matches_oracle(make_engine, oracle, prompts) -> None:
+    """Requests sharing a 200-token prefix, run one after another, reuse its cached blocks within their own
+    adapter only; a repeated prompt reuses all but the block of its last token. Outputs equal the oracle."""
+    engine = make_engine()  # nothing cached yet
+    long_doc = prompts[-1]
+    shared = long_doc[:200]
+    first, second = shared + long_doc[300:340], shared + long_doc[340:370]
+
+    def hits() -> int:
+        return engine.update_stats().prefix_cache_hits_total
+
+    run_and_compare(engine, oracle, [("code", first)])
+    assert hits() == 0
+    run_and_compare(engine, oracle, [("code", second), ("chatbot", second)])
+    assert hits() == 192, "code reuses the 12 full blocks of the shared prefix; chatbot's K/V differ"
+    run_and_compare(engine, oracle, [("code", first)])
+    assert hits() == 192 + (len(first) - 1) // 16 * 16
+    assert engine.block_manager.num_cached_blocks > 0

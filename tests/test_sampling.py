@@ -77,6 +77,13 @@ def test_zero_weight_columns_are_never_drawn_and_padding_does_not_change_a_draw(
         assert a in (1, 3) and a == b
 
 
+def test_a_target_rounded_up_to_the_total_still_draws_a_weighted_column(monkeypatch: pytest.MonkeyPatch) -> None:
+    # uniform * total can round up to the total itself; a uniform of exactly 1 produces that target
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.ones(1))
+    weights = torch.tensor([[0.3, 0.7, 0.0, 0.0]])
+    assert _draw(weights, [None]).item() == 1
+
+
 def test_a_rows_token_does_not_depend_on_its_batch_companions() -> None:
     rng = torch.Generator().manual_seed(1)
     logits = torch.randn(6, VOCAB, generator=rng) * 3

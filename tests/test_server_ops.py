@@ -16,6 +16,8 @@ METRIC_NAMES = [
     "loraplex_prompt_tokens_total",
     "loraplex_generation_tokens_total",
     "loraplex_preemptions_total",
+    "loraplex_prefix_cache_queries_total",
+    "loraplex_prefix_cache_hits_total",
     'loraplex_requests_finished_total{reason="length"}',
     "loraplex_lora_requests_info{",
     'loraplex_adapter_resident{adapter="chatbot"} 1.0',
