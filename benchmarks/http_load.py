@@ -170,7 +170,7 @@ def config_toml(
 ) -> str:
     """A complete ``loraplex serve`` config; adapter paths are absolute, so the file may live anywhere."""
     lines = ["[model]", 'path = ""', 'dtype = "float32"', f"num_threads = {threads}", "", "[limits]"]
-    lines += [f"{key} = {value}" for key, value in limits.items()]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in limits.items()]  # JSON scalars are TOML's too
     lines += ["", "[server]", 'host = "127.0.0.1"', f"port = {port}", "grace_period = 5"]
     lines += [f"request_timeout = {request_timeout}", "", "[adapters]", f"roots = {json.dumps(roots)}"]
     for endpoint in endpoints:
@@ -202,7 +202,8 @@ class Deployment:
 
 def loraplex_deployment(config: EngineConfig, threads: int, request_timeout: float) -> Deployment:
     port = free_port()
-    limits = vars(config.limits)
+    # Every rate replays the same prompts: a prefix cache would serve later rates from earlier ones'.
+    limits = dict(vars(config.limits), prefix_caching=False)
     toml = config_toml(port, threads, endpoint_tables(config), limits, request_timeout, config.adapters.roots)
     slots = ", ".join(f"{e.name} {e.slots}" for e in config.endpoints)
     return Deployment(
@@ -218,7 +219,7 @@ def loraplex_deployment(config: EngineConfig, threads: int, request_timeout: flo
 
 def old_deployment(config: EngineConfig, threads: int, request_timeout: float) -> Deployment:
     """One single-endpoint process per endpoint, one request at a time; a KV pool of one max-length sequence."""
-    limits = dict(vars(config.limits), max_num_seqs=1)
+    limits = dict(vars(config.limits), max_num_seqs=1, prefix_caching=False)  # as loraplex_deployment
     limits["num_kv_blocks"] = -(-config.limits.max_model_len // config.limits.block_size)
     configs, ports = [], []
     for table in endpoint_tables(config, slots=1):
