@@ -42,6 +42,7 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     error: str | None = None
     # Monotonic timestamps (seconds) for the server's durations.
     arrival_time: float = 0.0
@@ -325,6 +326,7 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             num_prompt_tokens=len(seq.request.prompt_token_ids),
             num_output_tokens=len(seq.output_token_ids),
+            num_cached_tokens=seq.num_cached_tokens,
             arrival_time=seq.request.arrival_time,
             first_scheduled_time=seq.first_scheduled_time,
             prefill_done_time=seq.prefill_done_time,

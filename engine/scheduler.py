@@ -189,6 +189,8 @@ class Scheduler:
             if self.prefix_caching:
                 self.prefix_cache_queries += seq.num_tokens
                 self.prefix_cache_hits += seq.num_computed_tokens
+                if not seq.output_token_ids:  # first admission: what the client's usage reports
+                    seq.num_cached_tokens = seq.num_computed_tokens
             self._start_running(seq, out)
             out.chunks.append(ScheduledChunk(seq, num_tokens))
             budget -= num_tokens

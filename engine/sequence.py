@@ -91,6 +91,7 @@ class Sequence:
     prefill_done_time: float | None = None
     cache_salt: bytes = b""  # names the adapter (and its version) in prefix-cache keys; b"" = the base
     block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the full blocks so far
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache supplied when the sequence was first admitted
 
     @property
     def seq_id(self) -> str:

@@ -82,11 +82,12 @@ def _refuse_chat(body: ChatCompletionRequest) -> None:
         raise APIError(400, "messages is empty; send at least one message", param="messages")
 
 
-def _usage(out: RequestOutput) -> dict[str, int]:
+def _usage(out: RequestOutput) -> dict[str, Any]:
     return {
         "prompt_tokens": out.num_prompt_tokens,
         "completion_tokens": out.num_output_tokens,
         "total_tokens": out.num_prompt_tokens + out.num_output_tokens,
+        "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens},  # served from the prefix cache
     }
 
 

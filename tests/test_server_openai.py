@@ -36,6 +36,18 @@ def test_chat_completion(client: openai.OpenAI) -> None:
     assert response.usage.total_tokens == response.usage.prompt_tokens + 4
 
 
+def test_usage_reports_prompt_tokens_served_from_the_prefix_cache(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Summarize: " + " ".join(f"item {i}" for i in range(60))}]
+    first = client.chat.completions.create(model="code", messages=messages, max_tokens=2, temperature=0)
+    again = client.chat.completions.create(model="code", messages=messages, max_tokens=2, temperature=0)
+    other = client.chat.completions.create(model="summarization", messages=messages, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    prompt = again.usage.prompt_tokens
+    assert again.usage.prompt_tokens_details.cached_tokens == (prompt - 1) // 16 * 16 > 0
+    assert other.usage.prompt_tokens_details.cached_tokens == 0  # another adapter's K/V differ
+    assert again.choices[0].message.content == first.choices[0].message.content
+
+
 def test_chat_stream_with_usage(client: openai.OpenAI) -> None:
     whole = client.chat.completions.create(model="base", messages=MESSAGES, max_completion_tokens=4, temperature=0)
     stream = client.chat.completions.create(
