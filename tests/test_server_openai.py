@@ -37,14 +37,14 @@ def test_chat_completion(client: openai.OpenAI) -> None:
 
 
 def test_usage_reports_prompt_tokens_served_from_the_prefix_cache(client: openai.OpenAI) -> None:
-    messages = [{"role": "user", "content": "Summarize: " + " ".join(f"item {i}" for i in range(60))}]
+    messages = [{"role": "user", "content": "Tally these: " + " ".join(f"item {i}" for i in range(60))}]
     first = client.chat.completions.create(model="code", messages=messages, max_tokens=2, temperature=0)
     again = client.chat.completions.create(model="code", messages=messages, max_tokens=2, temperature=0)
     other = client.chat.completions.create(model="summarization", messages=messages, max_tokens=2, temperature=0)
-    assert first.usage.prompt_tokens_details.cached_tokens == 0
-    prompt = again.usage.prompt_tokens
-    assert again.usage.prompt_tokens_details.cached_tokens == (prompt - 1) // 16 * 16 > 0
-    assert other.usage.prompt_tokens_details.cached_tokens == 0  # another adapter's K/V differ
+    # other tests' chats on the shared server may have cached the chat template's opening block
+    cached = [r.usage.prompt_tokens_details.cached_tokens for r in (first, again, other)]
+    assert cached[1] == (again.usage.prompt_tokens - 1) // 16 * 16  # all but the block of the last token
+    assert cached[0] <= 16 and cached[2] <= 16  # new text; another adapter's K/V differ
     assert again.choices[0].message.content == first.choices[0].message.content
 
 
