@@ -61,13 +61,12 @@ class LimitsConfig:
     prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix computed before (same adapter)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.prefix_caching, bool):
-            raise ConfigError(f"limits.prefix_caching = {self.prefix_caching!r}; use true or false")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "prefix_caching":
-                continue
-            if not isinstance(value, int) or value < 1:
+            if f.type == "bool":  # annotations are strings here (postponed evaluation)
+                if not isinstance(value, bool):
+                    raise ConfigError(f"limits.{f.name} = {value!r}; use true or false")
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"limits.{f.name} = {value!r}; use a positive integer")
         if self.max_model_len > self.num_kv_blocks * self.block_size:
             raise ConfigError(

@@ -96,7 +96,7 @@ class LLMEngine:
             self.endpoint_adapters[endpoint.name] = endpoint.name if endpoint.adapter else None
             if endpoint.adapter:
                 self.lora.adapters[endpoint.name] = self.lora.read(endpoint.name, endpoint.adapter)
-                self.cache_salts[endpoint.name] = f"{endpoint.name}#{next(self.adapter_versions)}".encode()
+                self._new_cache_salt(endpoint.name)
         self.retired_adapters: set[str] = set()  # unloaded, but still used by unfinished requests
         self.model.set_attn_implementation(register_paged_attention())
         text_config = self.model.config.get_text_config()
@@ -151,9 +151,12 @@ class LLMEngine:
                 f"adapter {adapter.name!r}: its previous version still serves requests in flight; retry shortly"
             )
         self.lora.adapters[adapter.name] = adapter
-        self.cache_salts[adapter.name] = f"{adapter.name}#{next(self.adapter_versions)}".encode()
+        self._new_cache_salt(adapter.name)
         self.endpoint_adapters[adapter.name] = adapter.name
         self.scheduler.endpoint_slots[adapter.name] = configured.slots if configured else slots
+
+    def _new_cache_salt(self, adapter: str) -> None:
+        self.cache_salts[adapter] = f"{adapter}#{next(self.adapter_versions)}".encode()
 
     def remove_adapter(self, name: str) -> None:
         """Stop serving an adapter endpoint (engine thread only). Requests already submitted finish with it."""
@@ -198,8 +201,8 @@ class LLMEngine:
             )
         endpoint = self.resolve_endpoint(request.endpoint)
         request.endpoint = endpoint
-        seq = Sequence(request=request, lora_name=self.endpoint_adapters[endpoint])
-        seq.cache_salt = self.cache_salts[seq.lora_name] if seq.lora_name else b""
+        lora_name = self.endpoint_adapters[endpoint]
+        seq = Sequence(request, lora_name, cache_salt=self.cache_salts[lora_name] if lora_name else b"")
         generator = torch.Generator(device=self.kv_cache.key_cache[0].device)
         seed = request.params.seed
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))

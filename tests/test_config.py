@@ -49,6 +49,7 @@ def test_env_boolean_that_is_not_one_names_the_variable(monkeypatch: pytest.Monk
         ("[model]\nquantization = 'gptq'\n", "model.quantization"),
         ("[model]\npacked_weights = 'yes'\n", "model.packed_weights"),
         ("[limits]\nprefix_caching = 1\n", "limits.prefix_caching"),
+        ("[limits]\nmax_num_seqs = true\n", "limits.max_num_seqs"),
         ("[limits]\nmax_num_seqs = 0\n", "limits.max_num_seqs"),
         ("[limits]\nmax_model_len = 99999\n", "max_model_len"),
         ("[limits]\nmax_num_seqs = 2\n[[endpoints]]\nname='a'\nslots=3\n", "max_num_seqs"),

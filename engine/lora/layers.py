@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from engine.lora.ops import column_mask
+from engine.lora.ops import add_product, column_mask, lora_masked_dense
 
 
 @dataclass(frozen=True)
@@ -150,19 +150,10 @@ class MultiLoRALinear(nn.Module):
         mixed_slots = mapping.slots_in_batch if mapping.mixed_slots is None else mapping.mixed_slots
         if mixed_rows and mixed_slots.intersection(self.slot_weights):
             mask = mapping.column_mask(self.packed_slots, self.packed_rank, flat.dtype)
-            shrunk = (flat[:mixed_rows] @ self.a_packed.T) * mask  # lora_masked_dense, expanded into out below
-            _add_product(out[:mixed_rows], shrunk, self.b_packed)
+            lora_masked_dense(flat[:mixed_rows], self.a_packed, self.b_packed, mask, out=out[:mixed_rows])
         for segment in mapping.segments:
             if segment.slot in self.slot_weights:
                 lora_a, b_scaled = self.slot_weights[segment.slot]
                 rows = slice(segment.start, segment.end)
-                _add_product(out[rows], flat[rows] @ lora_a.T, b_scaled)
+                add_product(out[rows], flat[rows] @ lora_a.T, b_scaled)
         return y
-
-
-def _add_product(out: torch.Tensor, shrunk: torch.Tensor, b: torch.Tensor) -> None:
-    """``out += shrunk @ b.T`` in place: one fused GEMM with no temporary when the dtypes agree."""
-    if out.dtype == shrunk.dtype:
-        out.addmm_(shrunk, b.T)
-    else:  # a quantized base computes in half precision, the adapters in the engine's dtype
-        out += (shrunk @ b.T).to(out.dtype)

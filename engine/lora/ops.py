@@ -40,9 +40,22 @@ def lora_masked_dense(
     a_packed: torch.Tensor,  # [L*r, in]: slots 1..L, each r rows
     b_packed: torch.Tensor,  # [out, L*r]
     column_mask: torch.Tensor,  # [T, L*r]: 1 where the column belongs to the token's slot, else 0
+    out: torch.Tensor | None = None,  # [T, out]: add the delta into it instead of returning a new tensor
 ) -> torch.Tensor:  # [T, out]
     """All slots at once; the mask keeps each token's own adapter's rank columns."""
-    return ((x @ a_packed.T) * column_mask) @ b_packed.T
+    shrunk = (x @ a_packed.T) * column_mask
+    if out is None:
+        return shrunk @ b_packed.T
+    add_product(out, shrunk, b_packed)
+    return out
+
+
+def add_product(out: torch.Tensor, shrunk: torch.Tensor, b: torch.Tensor) -> None:
+    """``out += shrunk @ b.T`` in place: one fused GEMM with no temporary when the dtypes agree."""
+    if out.dtype == shrunk.dtype:
+        out.addmm_(shrunk, b.T)
+    else:  # a quantized base computes in half precision, the adapters in the engine's dtype
+        out += (shrunk @ b.T).to(out.dtype)
 
 
 def lora_grouped(
