@@ -844,10 +844,20 @@ def stage_throughput(plan: Plan, device: torch.device, dtype: torch.dtype, budge
             requests = make_requests(
                 pool, concurrency, plan.prompt_len, plan.output_len, targets, f"{mode}-{concurrency}"
             )
-            result["engine"][f"{mode}/{concurrency}"] = run_engine(engine, requests, device)
+            run = result["engine"][f"{mode}/{concurrency}"] = run_engine(engine, requests, device)
+            log(
+                f"throughput: {run['tokens_per_s']} tok/s, full-batch decode step "
+                f"{run['full_batch_decode_step_ms']['step_ms']} ms, {run['seconds']} s"
+            )
+            # a run killed at the time limit keeps the engine runs that finished
+            (args.out / "throughput_partial.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     log(f"throughput: profiling {plan.profile_batch} mixed decodes")
     profile_requests = make_requests(pool, plan.profile_batch, plan.prompt_len, 8, list(ADAPTERS), "profile")
-    result["profile"] = profile_decode(engine, profile_requests, device)
+    try:
+        result["profile"] = profile_decode(engine, profile_requests, device)
+    except Exception as e:  # the profile explains the numbers; losing it must not lose them
+        result["profile"] = {"error": f"{type(e).__name__}: {e}"}
+        traceback.print_exc()
     del engine, loaded
     reset_peak(device)
 
