@@ -317,65 +317,102 @@ def oracle_greedy(model: torch.nn.Module, endpoint: str, prompt: list[int], new_
 
 
 def stage_oracle(plan: Plan, device: torch.device, dtype: torch.dtype, budget: Budget, args) -> dict:
+    """The engine twice (decode steps from CUDA graphs, then eager) against transformers + PEFT."""
     subject = load_oracle_subject(plan, device, dtype, args.tiny, args.work)
     near_tie = 1e-3 if dtype == torch.float32 else args.near_tie
-    loaded = subject["fresh"]()
     endpoints = subject["endpoints"]
     limits = LimitsConfig(max_num_seqs=16, max_num_batched_tokens=512, num_kv_blocks=512, max_loras=4, max_lora_rank=64)
     dtype_name = str(dtype).removeprefix("torch.")
-    config = EngineConfig(
-        model=ModelConfig(dtype=dtype_name, device=str(device), num_threads=0), limits=limits, endpoints=endpoints
-    )
-    engine = LLMEngine(config, loaded=loaded)
     names = [e.name for e in endpoints]
-    prompts = oracle_prompts(engine.tokenizer, plan.oracle_requests)
-    cases = [(names[i % len(names)], p) for i, p in enumerate(prompts)]
-    params = SamplingParams(max_tokens=plan.oracle_new_tokens, ignore_eos=True)
-    requests = [Request(f"oracle-{i}", ep, list(p), params) for i, (ep, p) in enumerate(cases)]
-    prefill_logits: dict[str, torch.Tensor] = {}
-    execute = engine.runner.execute
+    engine_tokens: dict[str, dict[str, list[int]]] = {}
+    prefill_logits: dict[str, dict[str, torch.Tensor]] = {}
+    graph_use: dict[str, dict] = {}
+    requests: list[Request] = []
+    for mode in ("graphs", "eager"):
+        model = ModelConfig(dtype=dtype_name, device=str(device), num_threads=0, enforce_eager=mode == "eager")
+        engine = LLMEngine(EngineConfig(model=model, limits=limits, endpoints=endpoints), loaded=subject["fresh"]())
+        if mode == "graphs" and engine.runner.graphs is None:  # the CPU: the same static forward, not captured
+            engine.runner.use_decode_graphs(limits.max_num_seqs, limits.max_model_len, capture=False)
+        prompts = oracle_prompts(engine.tokenizer, plan.oracle_requests)
+        # outputs of different lengths, so the batch shrinks through smaller graph buckets
+        lengths = [plan.oracle_new_tokens - (i % 4) * (plan.oracle_new_tokens // 8) for i in range(len(prompts))]
+        requests = [
+            Request(f"oracle-{i}", names[i % len(names)], list(p), SamplingParams(max_tokens=n, ignore_eos=True))
+            for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))
+        ]
+        captured: dict[str, torch.Tensor] = {}
+        execute = engine.runner.execute
 
-    def capture(inputs):  # the logits of each request's first sampled token (its prompt's last position)
-        logits, hidden = execute(inputs)
-        for row, chunk in enumerate(inputs.sampled_chunks):
-            if not chunk.seq.output_token_ids:
-                prefill_logits[chunk.seq.seq_id] = logits[row].detach().clone()
-        return logits, hidden
+        def capture(inputs, execute=execute, captured=captured):  # the logits of each request's first token
+            logits, hidden = execute(inputs)
+            for row, chunk in enumerate(inputs.sampled_chunks):
+                if not chunk.seq.output_token_ids:
+                    captured[chunk.seq.seq_id] = logits[row].detach().clone()
+            return logits, hidden
 
-    engine.runner.execute = capture
-    log(f"oracle: {subject['name']}, {len(requests)} requests x {plan.oracle_new_tokens} tokens in one engine batch")
-    results = engine.generate(requests)
-    engine_tokens = {rid: [t for o in outs for t in o.new_token_ids] for rid, outs in results.items()}
-    del engine
-    reset_peak(device)
+        engine.runner.execute = capture
+        log(f"oracle ({mode}): {subject['name']}, {len(requests)} requests x {lengths} tokens in one engine batch")
+        results = engine.generate(requests)
+        engine_tokens[mode] = {rid: [t for o in outs for t in o.new_token_ids] for rid, outs in results.items()}
+        prefill_logits[mode] = captured
+        graphs = engine.runner.graphs
+        graph_use[mode] = (
+            {
+                "replays": graphs.replays,
+                "captured": sorted(graphs.graphs),
+                "captured_on_gpu": graphs.capture,
+                "capture_failed": graphs.failed,
+            }
+            if graphs is not None
+            else {"replays": 0}
+        )
+        del engine
+        reset_peak(device)
     adapters = {e.name: e.adapter for e in endpoints if e.adapter}
     model = peft_model(subject["fresh"](), adapters, dtype)
     rows = []
     for request in requests:
         want = oracle_greedy(model, request.endpoint, request.prompt_token_ids, plan.oracle_new_tokens, device)
-        got = engine_tokens[request.request_id]
         ref_logits = oracle_logits(model, request.endpoint, request.prompt_token_ids, device)
-        diff = (prefill_logits[request.request_id] - ref_logits).abs()
         row = {
             "request": request.request_id,
             "endpoint": request.endpoint,
             "prompt_tokens": len(request.prompt_token_ids),
-            "tokens_equal": got == want,
-            "prefill_logits_max_abs_diff": round(float(diff.max()), 5),
-            "prefill_logits_rel_diff": round(float(diff.max() / ref_logits.std()), 6),
+            "new_tokens": request.params.max_tokens,
         }
-        if got != want:
-            at = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
-            margin = float(
-                oracle_logits(model, request.endpoint, request.prompt_token_ids + want[:at], device)
-                .topk(2)
-                .values.diff()
-                .abs()
-            )
-            row |= {"first_difference_at": at, "oracle_top2_margin": round(margin, 5), "near_tie": margin < near_tie}
+        for mode, tokens in engine_tokens.items():
+            got, expected = tokens[request.request_id], want[: request.params.max_tokens]
+            diff = (prefill_logits[mode][request.request_id] - ref_logits).abs()
+            row[mode] = {
+                "tokens_equal": got == expected,
+                "prefill_logits_max_abs_diff": round(float(diff.max()), 5),
+                "prefill_logits_rel_diff": round(float(diff.max() / ref_logits.std()), 6),
+            }
+            if got != expected:
+                at = next(
+                    (i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b),
+                    min(len(got), len(expected)),
+                )
+                margin = float(
+                    oracle_logits(model, request.endpoint, request.prompt_token_ids + want[:at], device)
+                    .topk(2)
+                    .values.diff()
+                    .abs()
+                )
+                row[mode] |= {"first_difference_at": at, "oracle_top2_margin": round(margin, 5)}
+                row[mode]["near_tie"] = margin < near_tie
         rows.append(row)
     del model
-    mismatches = [r for r in rows if not r["tokens_equal"] and not r["near_tie"]]
+    summary = {}
+    for mode in engine_tokens:
+        results = [r[mode] for r in rows]
+        summary[mode] = {
+            "exact_matches": sum(r["tokens_equal"] for r in results),
+            "near_ties": sum(not r["tokens_equal"] and r["near_tie"] for r in results),
+            "mismatches": sum(not r["tokens_equal"] and not r["near_tie"] for r in results),
+            "max_prefill_logits_abs_diff": max(r["prefill_logits_max_abs_diff"] for r in results),
+            "decode_graphs": graph_use[mode],
+        }
     return {
         "model": subject["name"],
         "dtype": dtype_name,
@@ -383,12 +420,9 @@ def stage_oracle(plan: Plan, device: torch.device, dtype: torch.dtype, budget: B
         "near_tie_tolerance": near_tie,
         "near_tie_rule": "tokens must be equal; a difference counts as a near-tie when the oracle's top-1 minus top-2 "
         "logit at that position is below near_tie_tolerance",
+        "by_mode": summary,
         "requests": rows,
-        "exact_matches": sum(r["tokens_equal"] for r in rows),
-        "near_ties": sum(not r["tokens_equal"] and r["near_tie"] for r in rows),
-        "mismatches": len(mismatches),
-        "max_prefill_logits_abs_diff": max(r["prefill_logits_max_abs_diff"] for r in rows),
-        "passed": not mismatches,
+        "passed": all(m["mismatches"] == 0 for m in summary.values()) and graph_use["graphs"]["replays"] > 0,
     }
 
 
@@ -815,6 +849,8 @@ def stage_throughput(plan: Plan, device: torch.device, dtype: torch.dtype, budge
     build_s = time.perf_counter() - t0
     weights = model_bytes(loaded.model)
     engine = LLMEngine(config, loaded=loaded)
+    if engine.runner.graphs is None:  # the CPU: the static decode path uncaptured, so --tiny covers it too
+        engine.runner.use_decode_graphs(limits.max_num_seqs, limits.max_model_len, capture=False)
     log(
         f"throughput: {shape.name} built in {build_s:.1f} s ({weights / GB:.2f} GB), KV pool "
         f"{engine.kv_cache.num_bytes / GB:.2f} GB ({blocks} blocks)"
@@ -851,13 +887,35 @@ def stage_throughput(plan: Plan, device: torch.device, dtype: torch.dtype, budge
             )
             # a run killed at the time limit keeps the engine runs that finished
             (args.out / "throughput_partial.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    log(f"throughput: profiling {plan.profile_batch} mixed decodes")
-    profile_requests = make_requests(pool, plan.profile_batch, plan.prompt_len, 8, list(ADAPTERS), "profile")
-    try:
-        result["profile"] = profile_decode(engine, profile_requests, device)
-    except Exception as e:  # the profile explains the numbers; losing it must not lose them
-        result["profile"] = {"error": f"{type(e).__name__}: {e}"}
-        traceback.print_exc()
+    graphs = engine.runner.graphs
+    if graphs is not None:  # the same (c) workload with every step eager: what the graphs are worth
+        concurrency = plan.concurrency[0]
+        log(f"throughput: loraplex c_three_adapters, {concurrency} concurrent, eager (no CUDA graphs)")
+        requests = make_requests(
+            pool, concurrency, plan.prompt_len, plan.output_len, list(ADAPTERS), f"c_three_adapters-{concurrency}"
+        )
+        engine.runner.graphs = None
+        run = result["engine"][f"c_three_adapters_eager/{concurrency}"] = run_engine(engine, requests, device)
+        engine.runner.graphs = graphs
+        log(f"throughput: {run['tokens_per_s']} tok/s, decode step {run['full_batch_decode_step_ms']['step_ms']} ms")
+        result["decode_graphs"] = {
+            "captured": sorted(graphs.graphs),
+            "replays": graphs.replays,
+            "captured_on_gpu": graphs.capture,
+            "capture_failed": graphs.failed,
+        }
+    for label, runner_graphs in (("profile", graphs), ("profile_eager", None)):
+        if label == "profile_eager" and graphs is None:
+            break
+        log(f"throughput: profiling {plan.profile_batch} mixed decodes ({label})")
+        engine.runner.graphs = runner_graphs
+        profile_requests = make_requests(pool, plan.profile_batch, plan.prompt_len, 8, list(ADAPTERS), label)
+        try:
+            result[label] = profile_decode(engine, profile_requests, device)
+        except Exception as e:  # the profile explains the numbers; losing it must not lose them
+            result[label] = {"error": f"{type(e).__name__}: {e}"}
+            traceback.print_exc()
+    engine.runner.graphs = graphs
     del engine, loaded
     reset_peak(device)
 
@@ -907,6 +965,7 @@ def summarize(result: dict, plan: Plan) -> dict:
         }
         peft = result["d_peft_mixed_generate"].get(str(concurrency), {})
         a, c = runs["a_base"].get("tokens_per_s"), runs["c_three_adapters"].get("tokens_per_s")
+        eager = result["engine"].get(f"c_three_adapters_eager/{concurrency}", {}).get("tokens_per_s")
         rows[str(concurrency)] = {
             "a_base_tok_s": a,
             "b_one_adapter_tok_s": runs["b_one_adapter"].get("tokens_per_s"),
@@ -916,6 +975,8 @@ def summarize(result: dict, plan: Plan) -> dict:
             "lora_overhead": round(1 - c / a, 4) if a and c else None,
             "c_over_a": round(c / a, 4) if a and c else None,
             "c_over_d": round(c / peft["tokens_per_s"], 2) if c and peft.get("tokens_per_s") else None,
+            "c_eager_tok_s": eager,
+            "c_graphs_over_eager": round(c / eager, 2) if c and eager else None,
             "decode_step_ms_c": runs["c_three_adapters"].get("full_batch_decode_step_ms", {}).get("step_ms"),
             "decode_step_over_floor_a": runs["a_base"].get("decode_step_over_floor"),
             "decode_step_over_floor_c": runs["c_three_adapters"].get("decode_step_over_floor"),
@@ -958,15 +1019,16 @@ def markdown(report: dict) -> str:
         lines += [
             "",
             "| concurrent | (a) base tok/s | (b) one tok/s | (c) three tok/s | (d) PEFT tok/s | (c)/(a) | "
-            "(c)/(d) | step ms (c) | step / floor (c) | peak GB (c) |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "(c)/(d) | step ms (c) | step / floor (c) | peak GB (c) | (c) eager tok/s | graphs / eager |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for n, r in summary["by_concurrency"].items():
             d = f"{r['d_peft_tok_s']}{'' if r['d_measured'] else ' (extrapolated)'}"
             lines.append(
                 f"| {n} | {r['a_base_tok_s']} | {r['b_one_adapter_tok_s']} | {r['c_three_adapters_tok_s']} | "
                 f"{d} | {r['c_over_a']} | {r['c_over_d']} | {r['decode_step_ms_c']} | "
-                f"{r['decode_step_over_floor_c']} | {r['peak_gpu_memory_gb_c']} |"
+                f"{r['decode_step_over_floor_c']} | {r['peak_gpu_memory_gb_c']} | {r['c_eager_tok_s']} | "
+                f"{r['c_graphs_over_eager']} |"
             )
         lines += [""] + [
             f"- {t['target']}: {t['measured']} ({'met' if t['met'] else 'missed' if t['met'] is False else 'n/a'})"

@@ -32,6 +32,8 @@ class ModelConfig:
     cache_dir: str = ""  # where a GGUF is converted to safetensors; "" = ~/.cache/loraplex
     # float32 on the CPU: pre-pack projection weights for oneDNN (fast small batches; engine/cpu_linear.py)
     packed_weights: bool = True
+    # CUDA: run decode-only steps eagerly instead of replaying captured CUDA graphs (engine/cuda_graphs.py)
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -42,8 +44,9 @@ class ModelConfig:
             raise ConfigError(f"model.device = {self.device!r}; use 'cpu' or 'cuda[:N]'")
         if self.num_threads < 0:
             raise ConfigError(f"model.num_threads = {self.num_threads}; use 0 (torch default) or more")
-        if not isinstance(self.packed_weights, bool):
-            raise ConfigError(f"model.packed_weights = {self.packed_weights!r}; use true or false")
+        for name in ("packed_weights", "enforce_eager"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"model.{name} = {getattr(self, name)!r}; use true or false")
 
 
 @dataclass

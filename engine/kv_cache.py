@@ -18,8 +18,12 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        # One block more than the block manager hands out: the scratch block, where the padding rows of a
+        # CUDA-graph step write their K/V (engine/cuda_graphs.py). No sequence ever owns it.
+        shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
         self.block_size = block_size
+        self.scratch_block = num_blocks
+        self.scratch_slot = num_blocks * block_size
         self.key_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.value_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 

@@ -9,6 +9,7 @@ from transformers import PreTrainedModel
 
 from engine.attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from engine.block_manager import BlockManager
+from engine.cuda_graphs import LORA, POSITION, SLOT, TOKEN, DecodeGraphs, GraphBatch
 from engine.kv_cache import KVCache
 from engine.lora.layers import LoRAMapping, LoRASegment
 from engine.lora.manager import LoRAManager
@@ -17,6 +18,7 @@ from engine.scheduler import ScheduledChunk
 # Decodes attend in groups of this many sequences of similar context length. On the 2-core CPU this was
 # measured on, 48 decodes with contexts of 20-400 tokens took 2.4-3.3 ms per layer in groups of 8-12 against
 # 9-25 ms in one call padded to the longest: less padding gathered and read, and a group's K/V stays in cache.
+# On CUDA every call is a launch, and the GPU is far from busy at these sizes: all decodes go in one call.
 DECODE_GROUP_SEQS = 8
 
 
@@ -28,6 +30,8 @@ class StepInputs:
     lora_mapping: LoRAMapping
     logits_indices: torch.Tensor  # [num_sampled]: the last token of every chunk that samples
     sampled_chunks: list[ScheduledChunk]  # in the order of logits_indices
+    # Set when a captured CUDA graph runs the step; the tensors above are then host-side views of its rows.
+    graph_batch: GraphBatch | None = None
 
 
 class ModelRunner:
@@ -41,11 +45,25 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.block_manager = block_manager
         self.device = next(model.parameters()).device
+        self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA (engine/cuda_graphs.py)
+        self.decode_group_seqs = DECODE_GROUP_SEQS if self.device.type == "cpu" else None
+
+    def use_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool) -> None:
+        """Run decode-only steps through ``DecodeGraphs``: captured on CUDA, the same static forward without
+        capture elsewhere (for tests)."""
+        max_blocks = -(-max_model_len // self.block_manager.block_size)
+        self.graphs = DecodeGraphs(
+            self.decoder, self.lm_head, self.lora, self.kv_cache, max_num_seqs, max_blocks, capture
+        )
 
     def prepare_inputs(self, chunks: list[ScheduledChunk]) -> StepInputs:
         """Decodes first (shortest context first), then prefill chunks; one entry per token in every flat list."""
         decodes = sorted((c for c in chunks if c.num_tokens == 1), key=lambda c: c.seq.num_computed_tokens)
         prefills = [c for c in chunks if c.num_tokens > 1]
+        if self.graphs is not None and self.graphs.active and not prefills:
+            graphed = self._graph_inputs(decodes)
+            if graphed is not None:
+                return graphed
         ordered = decodes + prefills
         input_ids: list[int] = []
         positions: list[int] = []
@@ -69,13 +87,13 @@ class ModelRunner:
                 if seq.lora_slot:
                     segments.append(LoRASegment(query_start, len(input_ids), seq.lora_slot))
         tensor = self._tensor
+        group = self.decode_group_seqs or max(len(decodes), 1)
         meta = AttentionMetadata(
             kv_cache=self.kv_cache,
             slot_mapping=tensor(slot_mapping),
             num_decode_tokens=len(decodes),
             decode_groups=[
-                self._decode_group(start, decodes[start : start + DECODE_GROUP_SEQS])
-                for start in range(0, len(decodes), DECODE_GROUP_SEQS)
+                self._decode_group(start, decodes[start : start + group]) for start in range(0, len(decodes), group)
             ],
             prefills=prefill_chunks,
         )
@@ -94,6 +112,30 @@ class ModelRunner:
             lora_mapping=mapping,
             logits_indices=tensor(logits_indices),
             sampled_chunks=[c for c in ordered if c.samples],
+        )
+
+    def _graph_inputs(self, decodes: list[ScheduledChunk]) -> StepInputs | None:
+        """A decode-only step laid out for a captured graph; None when no bucket holds it."""
+        block_size, tables = self.block_manager.block_size, self.block_manager.block_tables
+        rows = []
+        for chunk in decodes:
+            seq, position = chunk.seq, chunk.seq.num_computed_tokens
+            table = tables[seq.seq_id][: position // block_size + 1]
+            slot = self.block_manager.slot(seq.seq_id, position)
+            rows.append((seq.token_ids[position], position, slot, seq.lora_slot, table))
+        batch = self.graphs.layout(rows)
+        if batch is None:
+            return None
+        host = batch.rows[: len(decodes)]
+        lora_slots = frozenset(c.seq.lora_slot for c in decodes) - {0}
+        return StepInputs(
+            input_ids=host[:, TOKEN],
+            positions=host[:, POSITION],
+            attn_metadata=AttentionMetadata(self.kv_cache, host[:, SLOT], len(decodes), [], []),
+            lora_mapping=LoRAMapping(host[:, LORA], lora_slots),
+            logits_indices=torch.arange(len(decodes)),
+            sampled_chunks=decodes,
+            graph_batch=batch,
         )
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
@@ -133,6 +175,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward pass; returns (float32 logits [num_sampled, vocab], last hidden states [T, hidden])."""
+        if inputs.graph_batch is not None:
+            graphed = self.graphs.run(inputs.graph_batch)
+            if graphed is not None:
+                return graphed
+            inputs = self.prepare_inputs(inputs.sampled_chunks)  # capture failed: the eager layout of this step
         with self.lora.batch.use(inputs.lora_mapping):
             hidden = self.decoder(
                 input_ids=inputs.input_ids[None],

@@ -111,3 +111,17 @@ def test_prefix_cache_reuse_matches_oracle(make_engine, oracle, prompts) -> None
     run_and_compare(engine, oracle, [("code", first)])
     assert hits() == 192 + (len(first) - 1) // 16 * 16
     assert engine.block_manager.num_cached_blocks > 0
+
+
+def test_static_decode_path_matches_oracle(make_engine, oracle, prompts) -> None:
+    """The forward pass that CUDA graphs capture (engine/cuda_graphs.py), run here without capture: decode-only
+    steps padded to a batch bucket and a power-of-two block-table width, padding rows writing into the scratch
+    block. Late arrivals and chunked prefill interleave eager mixed steps with padded decode-only ones."""
+    engine = make_engine(max_num_batched_tokens=96, max_num_seqs=12)
+    engine.runner.use_decode_graphs(12, engine.config.limits.max_model_len, capture=False)
+    cases = [(ENDPOINTS[(i + 3) % 4], p) for i, p in enumerate(prompts)]
+    cases += [(ENDPOINTS[i % 4], p) for i, p in enumerate(prompts[1:5])]
+    run_and_compare(engine, oracle, cases, stagger=4)
+    graphs = engine.runner.graphs
+    assert graphs.replays > NEW_TOKENS // 2, "most steps should have been decode-only"
+    assert {batch for batch, _ in graphs.graphs} > {12}, "shrinking batches should use smaller buckets"

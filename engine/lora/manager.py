@@ -26,6 +26,7 @@ class LoRAManager:
         self.layers: dict[str, MultiLoRALinear] = {}
         self.adapters: dict[str, LoRAAdapter] = {}  # registered (in host memory), by name
         self.slots = SlotTable(max_loras)  # which registered adapters are resident, and where
+        self.version = 0  # bumped whenever a slot's weights change (captured CUDA graphs go stale then)
         self._attach(model, dtype)
 
     def _attach(self, model: nn.Module, dtype: torch.dtype) -> None:
@@ -64,6 +65,7 @@ class LoRAManager:
         Layers the adapter targets are overwritten; layers only the previous occupant targeted are cleared.
         """
         adapter = self.adapters[name]
+        self.version += 1
         for module, layer in self.layers.items():
             if module in adapter.lora_a:
                 layer.set_lora(slot, adapter.lora_a[module], adapter.lora_b[module], adapter.scaling)
@@ -71,6 +73,7 @@ class LoRAManager:
                 layer.reset_lora(slot)
 
     def clear_slot(self, slot: int) -> None:
+        self.version += 1
         for layer in self.layers.values():
             if slot in layer.slot_ranks:
                 layer.reset_lora(slot)
