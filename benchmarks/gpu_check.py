@@ -857,8 +857,9 @@ def stage_throughput(plan: Plan, device: torch.device, dtype: torch.dtype, budge
     )
     pool = source_tokens(tokenizer)
     modes = {"a_base": ["base"], "b_one_adapter": ["a0"], "c_three_adapters": list(ADAPTERS)}
-    warm = make_requests(pool, 4, plan.prompt_len, 4, ["base", *ADAPTERS], "warm")
-    run_engine(engine, warm, device)
+    for concurrency in plan.concurrency:  # warm-up that also captures each full batch's decode graph
+        warm = make_requests(pool, concurrency, plan.prompt_len, 4, ["base", *ADAPTERS], f"warm-{concurrency}")
+        run_engine(engine, warm, device)
     result: dict = {
         "model": shape.name,
         "parameters": shape.num_parameters,

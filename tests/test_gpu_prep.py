@@ -101,7 +101,10 @@ def test_gpu_check_tiny_on_cpu_writes_every_field(tmp_path: Path) -> None:
     env = saved["stages"]["env"]["result"]
     assert env["copy_bandwidth_gb_s"] > 0
     oracle = saved["stages"]["oracle"]["result"]
-    assert oracle["mismatches"] == 0 and oracle["exact_matches"] == len(oracle["requests"])
+    for mode in ("graphs", "eager"):
+        result = oracle["by_mode"][mode]
+        assert result["mismatches"] == 0 and result["exact_matches"] == len(oracle["requests"]), mode
+    assert oracle["by_mode"]["graphs"]["decode_graphs"]["replays"] > 0
     lora = saved["stages"]["lora_op"]["result"]
     assert {c["module"] for c in lora["cases"]} == set(TINY.projection_shapes)
     assert {"masked_dense", "grouped", "gathered"} == set(lora["worst_relative_error"])
@@ -116,7 +119,10 @@ def test_gpu_check_tiny_on_cpu_writes_every_field(tmp_path: Path) -> None:
         for mode in ("a_base", "b_one_adapter", "c_three_adapters"):
             run = throughput["engine"][f"{mode}/{n}"]
             assert run["output_tokens"] == int(n) * 8 and run["full_batch_decode_steps"] > 0
-    assert throughput["profile"]["top_ops"]
+    assert throughput["engine"]["c_three_adapters_eager/4"]["output_tokens"] == 4 * 8
+    assert throughput["decode_graphs"]["replays"] > 0 and not throughput["decode_graphs"]["capture_failed"]
+    assert throughput["summary"]["by_concurrency"]["4"]["c_graphs_over_eager"] > 0
+    assert throughput["profile"]["top_ops"] and throughput["profile_eager"]["top_ops"]
     assert len(throughput["summary"]["targets"]) == 5
     assert "| 8 |" in (tmp_path / "gpu_check.md").read_text()
     assert report["stages"].keys() == saved["stages"].keys()
