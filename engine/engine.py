@@ -115,7 +115,8 @@ class LLMEngine:
             limits, {e.name: e.slots for e in config.endpoints}, self.block_manager, self.lora.slots
         )
         self.runner = ModelRunner(self.model, self.lora, self.kv_cache, self.block_manager)
-        if self.runner.device.type == "cuda" and not config.model.enforce_eager:
+        # Graphs only over plain weights: bitsandbytes kernels were never captured and checked on a GPU here.
+        if self.runner.device.type == "cuda" and not config.model.enforce_eager and config.model.quantization == "none":
             self.runner.use_decode_graphs(limits.max_num_seqs, limits.max_model_len, capture=True)
         self.sampler = Sampler()
         self.eos_token_ids = self._eos_token_ids()
