@@ -12,7 +12,8 @@ buffer before replay. Padding rows write their K/V into the cache's scratch slot
 adapter, and their outputs are dropped.
 
 Python decisions inside the forward pass are frozen at capture: which LoRA layers hold an adapter, the packed
-LoRA tensors themselves. The LoRA manager's ``version`` changes whenever a slot is written or cleared, and
+LoRA tensors themselves, and whether the LoRA op runs at all (a base-only batch has graphs of its own, so base
+traffic does not pay for adapters). The LoRA manager's ``version`` changes whenever a slot is written or cleared, and
 every graph captured under an older version is dropped.
 
 Steps with a prefill chunk, and decode batches larger than the largest bucket, run eagerly. On the CPU the same
@@ -66,6 +67,7 @@ class GraphBatch:
     num_seqs: int  # real rows; the rest are padding
     batch: int
     width: int
+    lora: bool  # some row uses an adapter; a base-only step replays a graph without the LoRA op
     rows: torch.Tensor  # [batch, FIELDS + width] int64 on the host (pinned on CUDA)
 
 
@@ -116,7 +118,8 @@ class DecodeGraphs:
         padding = [0, 0, self.kv_cache.scratch_slot, 0, 1] + [self.kv_cache.scratch_block] * width
         rows += [padding] * (batch - len(decodes))
         host = torch.tensor(rows, dtype=torch.long)
-        return GraphBatch(len(decodes), batch, width, host.pin_memory() if self.capture else host)
+        lora = any(d[3] for d in decodes)
+        return GraphBatch(len(decodes), batch, width, lora, host.pin_memory() if self.capture else host)
 
     def run(self, step: GraphBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(float32 logits [num_seqs, vocab], hidden states [num_seqs, hidden]) of one decode-only step; None
@@ -124,29 +127,33 @@ class DecodeGraphs:
         if self.lora.version != self.lora_version:  # an adapter slot changed: the frozen LoRA state is stale
             self.graphs.clear()
             self.lora_version = self.lora.version
-        key = (step.batch, step.width)
+        key = (step.batch, step.width, step.lora)
         captured = self.graphs.get(key)
         if captured is None:
             started = time.perf_counter()
             try:
-                captured = self._capture(step.batch, step.width)
+                captured = self._capture(*key)
             except Exception as e:  # a kernel that cannot be captured must cost speed, never requests
                 self.failed = f"{type(e).__name__}: {e}"
                 self.graphs.clear()
                 log.exception("CUDA graph capture failed; decode steps run eagerly from now on")
                 return None
             self.graphs[key] = captured
-            log.info("captured the decode graph for %d rows x %d blocks in %.2f s", *key, time.perf_counter() - started)
+            log.info(
+                "captured the decode graph for %d rows x %d blocks (LoRA %s) in %.2f s",
+                *key,
+                time.perf_counter() - started,
+            )
         captured.rows.copy_(step.rows, non_blocking=True)
         if captured.graph is not None:
             captured.graph.replay()
             logits, hidden = captured.logits, captured.hidden
         else:
-            logits, hidden = self._forward(captured.rows, step.width)
+            logits, hidden = self._forward(captured.rows, step.width, step.lora)
         self.replays += 1
         return logits[: step.num_seqs].float(), hidden[: step.num_seqs]
 
-    def _capture(self, batch: int, width: int) -> _Captured:
+    def _capture(self, batch: int, width: int, lora: bool) -> _Captured:
         rows = torch.zeros(batch, FIELDS + width, dtype=torch.long, device=self.device)
         rows[:, SLOT] = self.kv_cache.scratch_slot  # a warm-up on zeros must not write into a real block
         rows[:, CONTEXT] = 1
@@ -157,17 +164,18 @@ class DecodeGraphs:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            self._forward(rows, width)
+            self._forward(rows, width, lora)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            logits, hidden = self._forward(rows, width)
+            logits, hidden = self._forward(rows, width, lora)
         return _Captured(rows, graph, logits, hidden)
 
-    def _forward(self, rows: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, rows: torch.Tensor, width: int, lora: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The decode forward pass over static ``rows``; every per-step value is read from the tensor, so a
         captured graph sees new values on replay. Metadata objects are rebuilt on every call: a mask cached
-        by an eager call must not stand in for the captured computation."""
+        by an eager call must not stand in for the captured computation. With ``lora`` every LoRA layer
+        holding an adapter runs its op over all rows (each row's mask picks its slot); without, none does."""
         batch = rows.shape[0]
         block_size = self.kv_cache.block_size
         key_pos = torch.arange(width * block_size, device=rows.device)
@@ -180,7 +188,7 @@ class DecodeGraphs:
             decode_groups=[DecodeGroup(0, batch, tables, mask)],
             prefills=[],
         )
-        every_slot = frozenset(range(1, self.lora.max_loras + 1))
+        every_slot = frozenset(range(1, self.lora.max_loras + 1)) if lora else frozenset()
         mapping = LoRAMapping(rows[:, LORA].contiguous(), every_slot, num_mixed_rows=batch, mixed_slots=every_slot)
         with self.lora.batch.use(mapping):
             hidden = self.decoder(

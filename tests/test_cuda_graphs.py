@@ -32,10 +32,10 @@ def test_layout_pads_rows_into_the_scratch_block(engine: LLMEngine) -> None:
     try:
         graphs, cache = engine.runner.graphs, engine.kv_cache
         step = graphs.layout([(11, 20, 333, 2, [20, 21]), (12, 5, 97, 0, [6])])
-        assert (step.num_seqs, step.batch, step.width) == (2, 2, 4)
+        assert (step.num_seqs, step.batch, step.width, step.lora) == (2, 2, 4, True)
         assert step.rows[0].tolist() == [11, 20, 333, 2, 21, 20, 21, 0, 0]
-        step = graphs.layout([(7, 70, 1, 1, list(range(5)))] * 3)
-        assert (step.batch, step.width) == (4, 8)
+        step = graphs.layout([(7, 70, 1, 0, list(range(5)))] * 3)
+        assert (step.batch, step.width, step.lora) == (4, 8, False)
         pad = step.rows[3].tolist()
         assert pad[SLOT] == cache.scratch_slot == cache.scratch_block * cache.block_size
         assert pad[CONTEXT] == 1 and pad[LORA] == 0 and pad[FIELDS:] == [cache.scratch_block] * 8
@@ -57,7 +57,7 @@ def test_a_changed_adapter_slot_drops_captured_graphs(make_engine) -> None:
     assert engine.lora.version == before + 1
     engine.generate([Request("b", "base", [1, 2, 3], params)])
     assert graphs.lora_version == engine.lora.version
-    assert set(graphs.graphs) == {(1, 4)}, "only the graph used since the change is held"
+    assert set(graphs.graphs) == {(1, 4, False)}, "only the graph used since the change is held: base, no LoRA"
 
 
 def test_a_failed_capture_runs_the_step_eagerly_and_stays_eager(make_engine, monkeypatch) -> None:
@@ -67,7 +67,7 @@ def test_a_failed_capture_runs_the_step_eagerly_and_stays_eager(make_engine, mon
     engine.runner.use_decode_graphs(8, 256, capture=False)
     graphs = engine.runner.graphs
 
-    def broken(batch: int, width: int):
+    def broken(batch: int, width: int, lora: bool):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(graphs, "_capture", broken)

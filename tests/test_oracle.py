@@ -124,4 +124,6 @@ def test_static_decode_path_matches_oracle(make_engine, oracle, prompts) -> None
     run_and_compare(engine, oracle, cases, stagger=4)
     graphs = engine.runner.graphs
     assert graphs.replays > NEW_TOKENS // 2, "most steps should have been decode-only"
-    assert {batch for batch, _ in graphs.graphs} > {12}, "shrinking batches should use smaller buckets"
+    assert {batch for batch, _, _ in graphs.graphs} > {12}, "shrinking batches should use smaller buckets"
+    run_and_compare(engine, oracle, [("base", prompts[2]), ("base", prompts[3])])
+    assert {lora for _, _, lora in graphs.graphs} == {True, False}, "base-only batches take graphs without LoRA"
