@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
 from engine.kv_cache import KVCache
 
@@ -102,13 +101,11 @@ def paged_attention_forward(
     return out.unsqueeze(0), None
 
 
-def _no_mask(*args: object, **kwargs: object) -> None:
-    """The per-sequence masks are built by the runner; transformers must not build a dense one."""
-    return None
-
-
 def register_paged_attention() -> str:
-    """Register the backend with transformers; returns the name to set as ``attn_implementation``."""
+    """Register the backend with transformers; returns the name to set as ``attn_implementation``.
+
+    No mask function is registered: the runner builds the per-sequence masks, and for a backend without one
+    transformers builds no mask at all (its path for vLLM-style backends). It also skips its packed-sequence
+    check over the position ids, which would cost a host synchronisation in every eager forward on CUDA."""
     AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)
     return ATTN_IMPLEMENTATION

@@ -110,6 +110,8 @@ def test_gpu_check_tiny_on_cpu_writes_every_field(tmp_path: Path) -> None:
     assert {"masked_dense", "grouped", "gathered"} == set(lora["worst_relative_error"])
     attention = saved["stages"]["attention"]["result"]
     assert attention["fastest"] and attention["gather_ms"] > 0
+    serve = saved["stages"]["serve"]["result"]
+    assert len(serve["checks"]) == 7 and all(serve["checks"].values()), serve["checks"]
     throughput = saved["stages"]["throughput"]["result"]
     for n in ("4", "8"):
         row = throughput["summary"]["by_concurrency"][n]

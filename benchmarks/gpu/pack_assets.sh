@@ -3,7 +3,7 @@
 # .git/info/exclude) what the GPU image lacks. The default model's GGUF (98 MB) is over one call's 64 MiB, so it
 # travels in two parts, one per call, on the same warm machine (see README.md):
 #   .gpu_assets/gguf_a/   first part + tokenizer/   -> carry in call 1
-#   .gpu_assets/gguf_b/   second part, wheels/      -> carry in call 2 (the one that runs gpu_check.sh)
+#   .gpu_assets/gguf_b/   second part, wheels/ (gguf, the server's stack) -> carry in call 2 (runs gpu_check.sh)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 A=.gpu_assets
@@ -17,7 +17,14 @@ mv "$A/$NAME.part-00" "$A/gguf_a/" && mv "$A/$NAME.part-01" "$A/gguf_b/"
 [ -z "$(ls "$A"/*.part-* 2>/dev/null)" ] || { echo "the GGUF split into more than two parts" >&2; exit 1; }
 sha256sum "$GGUF" | cut -d' ' -f1 >"$A/gguf_b/$NAME.sha256"
 cp "$TOKENIZER" "$A/tokenizer/tokenizer.model"
-GGUF_VERSION=$(python -c 'import importlib.metadata as m; print(m.version("gguf"))')
+# gguf for the default model; the server's stack for the serve stage (the GPU image has none of it), at the
+# versions installed here
+PINS=$(python -c 'import importlib.metadata as m
+names = ["gguf", "fastapi", "starlette", "uvicorn", "pydantic", "pydantic-core", "annotated-types",
+         "typing-inspection", "annotated-doc", "typing-extensions"]
+print(" ".join(f"{n}=={m.version(n)}" for n in names))')
+# shellcheck disable=SC2086  # one argument per pin
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux2014_x86_64 -d "$A/wheels" "gguf==$GGUF_VERSION"
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+    -d "$A/wheels" $PINS
 du -sh "$A"/*
