@@ -5,8 +5,8 @@ into a single row of T tokens: decodes first, then the chunks. Each layer writes
 paged cache, then every sequence attends over its own context read back through its block table.
 
 Backend: torch's ``scaled_dot_product_attention``. Decodes, sorted by context length by the runner, go in
-groups of a few sequences, one call per group over its block tables padded to the group's longest context, with
-a length mask; each prefill chunk goes in its own call with a causal mask offset by
+groups of a few sequences on the CPU and in one group on CUDA, one call per group over its block tables padded
+to the group's longest context, with a length mask; each prefill chunk goes in its own call with a causal mask offset by
 the tokens already cached (a chunk that is its sequence's whole context attends over its own K/V directly).
 On CUDA the same calls dispatch to fused kernels; a varlen paged kernel (FlashInfer or flash-attn) is the
 upgrade path behind the same signature.
