@@ -1,21 +1,24 @@
-"""The GPU check: correctness on CUDA, then throughput at the Llama-3-8B shape, in one run that fits 8 minutes.
+"""The GPU check: correctness on CUDA, then throughput at the Llama-3-8B shape, in one run of a few minutes.
 
-Stages, each with a time budget (seconds on an H100; ``--tiny`` scales them down) and its own section in the JSON:
+Stages, each with a time budget (seconds on a GPU; ``--tiny`` scales them down) and its own section in the JSON:
 
     env         torch / CUDA / GPU, measured device-to-device copy bandwidth (the decode floor's denominator)
-    oracle      the engine against transformers + PEFT, one request at a time, on the default model in bf16 on
-                CUDA: greedy tokens equal except at near-ties (oracle top-2 margin < tolerance); prefill logits
+    oracle      the engine (decode steps from CUDA graphs, then eager) against transformers + PEFT, one request
+                at a time, on the default model in bf16 on CUDA: greedy tokens equal except at near-ties (oracle
+                top-2 margin < tolerance); prefill logits
     lora_op     the batched LoRA op at 8B projection shapes: masked dense, grouped (segment), gathered (BGMV in
                 torch) against an fp32 reference, each timed with CUDA events next to the base matmul
     attention   the decode attention call at 8B shapes under each SDPA backend, the GQA-as-rows variant, and the
                 cost of gathering the paged cache
+    serve       the server's app over HTTP on loopback on the default model: seeded sampling, an OpenAI stream,
+                an embedding, the metrics, nothing left running
     throughput  8B shape, random weights, real Llama 3 tokenizer: 64 and 128 concurrent requests (prompt 512,
                 256 outputs, EOS ignored) for (a) base only, (b) one adapter, (c) three adapters mixed in the
                 engine, and (d) PEFT's mixed-adapter batch generate; decode step time against the weight-read
                 floor, a step-phase breakdown, a profile of the decode step, peak GPU memory
 
-    python benchmarks/gpu_check.py                          # on the GPU: everything, ~5-6 min on an H100
-    python benchmarks/gpu_check.py --device cpu --tiny      # every stage on a tiny shape on the CPU, < 60 s
+    python benchmarks/gpu_check.py                          # on the GPU: everything, ~6-7 min on an H200
+    python benchmarks/gpu_check.py --device cpu --tiny      # every stage on a tiny shape on the CPU, ~1-2 min
     bash benchmarks/gpu_check.sh                            # the GPU run under a hard timeout, results to $OUT
 
 Results: benchmarks/results/gpu_check.json (rewritten after every stage) and gpu_check.md.
