@@ -71,9 +71,14 @@ class GraphBatch:
     rows: torch.Tensor  # [batch, FIELDS + width] int64 on the host (pinned on CUDA)
 
 
+@dataclass
 class _Captured:
-    def __init__(self, rows: torch.Tensor, graph: torch.cuda.CUDAGraph | None, logits, hidden) -> None:
-        self.rows, self.graph, self.logits, self.hidden = rows, graph, logits, hidden
+    """A graph's static input and outputs (no graph, outputs None: the uncaptured CPU path)."""
+
+    rows: torch.Tensor
+    graph: torch.cuda.CUDAGraph | None
+    logits: torch.Tensor | None
+    hidden: torch.Tensor | None
 
 
 class DecodeGraphs:
@@ -123,7 +128,8 @@ class DecodeGraphs:
 
     def run(self, step: GraphBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(float32 logits [num_seqs, vocab], hidden states [num_seqs, hidden]) of one decode-only step; None
-        when the graph could not be captured (the caller runs the step eagerly, and so do later steps)."""
+        when the graph could not be captured (the caller runs the step eagerly, and so do later steps). The
+        hidden states are a view of the graph's output buffer: the next replay overwrites them."""
         if self.lora.version != self.lora_version:  # an adapter slot changed: the frozen LoRA state is stale
             self.graphs.clear()
             self.lora_version = self.lora.version
