@@ -9,7 +9,8 @@ groups of a few sequences on the CPU and in one group on CUDA, one call per grou
 to the group's longest context, with a length mask; each prefill chunk goes in its own call with a causal mask offset by
 the tokens already cached (a chunk that is its sequence's whole context attends over its own K/V directly).
 On CUDA the same calls dispatch to fused kernels; a varlen paged kernel (FlashInfer or flash-attn) is the
-upgrade path behind the same signature.
+upgrade path behind the same signature. On the CPU in float32, all decodes go in one call to a compiled kernel
+that reads the cache in place (``PagedDecode``, engine/cpu_attention.py) when it could be built.
 """
 
 from __future__ import annotations
@@ -46,6 +47,15 @@ class DecodeGroup:
 
 
 @dataclass
+class PagedDecode:
+    """All decode tokens (the first ``count`` of the batch), attended by the CPU kernel straight from the cache."""
+
+    count: int
+    block_tables: torch.Tensor  # [count, max_blocks] int64, padded with block 0
+    context_lens: torch.Tensor  # [count] int64, this step's token included
+
+
+@dataclass
 class AttentionMetadata:
     """Everything attention needs for one step; built by the runner, passed to the model as a kwarg."""
 
@@ -54,6 +64,7 @@ class AttentionMetadata:
     num_decode_tokens: int  # the first num_decode_tokens tokens are decodes, one per sequence
     decode_groups: list[DecodeGroup]
     prefills: list[PrefillChunk]
+    paged_decode: PagedDecode | None = None  # set instead of decode_groups when the CPU kernel runs them
 
 
 def paged_attention_forward(
@@ -73,6 +84,17 @@ def paged_attention_forward(
     q = query[0]  # [H, T, D]
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, D]
     heads, kv_heads, head_dim = q.shape[0], key.shape[1], q.shape[2]
+    if meta.paged_decode is not None and meta.paged_decode.count:
+        decode = meta.paged_decode
+        torch.ops.loraplex.paged_decode_attention(
+            q[:, : decode.count].transpose(0, 1).contiguous(),
+            meta.kv_cache.key_cache[layer],
+            meta.kv_cache.value_cache[layer],
+            decode.block_tables,
+            decode.context_lens,
+            scaling if scaling is not None else head_dim**-0.5,
+            out[: decode.count],
+        )
     for group in meta.decode_groups:
         rows = slice(group.start, group.start + group.count)
         k, v = meta.kv_cache.gather(layer, group.block_tables)  # [count, H_kv, L, D]

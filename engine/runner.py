@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from engine.attention import AttentionMetadata, DecodeGroup, PrefillChunk
+from engine.attention import AttentionMetadata, DecodeGroup, PagedDecode, PrefillChunk
 from engine.block_manager import BlockManager
 from engine.cuda_graphs import LORA, POSITION, SLOT, TOKEN, DecodeGraphs, GraphBatch
 from engine.kv_cache import KVCache
@@ -47,6 +47,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA (engine/cuda_graphs.py)
         self.decode_group_seqs = DECODE_GROUP_SEQS if self.device.type == "cpu" else None
+        self.paged_decode_kernel = False  # set by the engine when engine/cpu_attention.py's kernel is loaded
 
     def use_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool) -> None:
         """Run decode-only steps through ``DecodeGraphs``: captured on CUDA, the same static forward without
@@ -92,11 +93,19 @@ class ModelRunner:
             kv_cache=self.kv_cache,
             slot_mapping=tensor(slot_mapping),
             num_decode_tokens=len(decodes),
-            decode_groups=[
-                self._decode_group(start, decodes[start : start + group]) for start in range(0, len(decodes), group)
-            ],
+            decode_groups=[],
             prefills=prefill_chunks,
         )
+        if self.paged_decode_kernel:
+            meta.paged_decode = PagedDecode(
+                len(decodes),
+                self._block_tables([c.seq.seq_id for c in decodes]),
+                tensor([c.seq.num_computed_tokens + 1 for c in decodes]),
+            )
+        else:
+            meta.decode_groups = [
+                self._decode_group(start, decodes[start : start + group]) for start in range(0, len(decodes), group)
+            ]
         lora_slots = frozenset(lora_indices) - {0}
         mapping = LoRAMapping(
             tensor(lora_indices),

@@ -34,10 +34,14 @@ def model_dir(default_config: EngineConfig) -> Path:
 
 @pytest.fixture(scope="session")
 def make_engine(default_config: EngineConfig) -> Callable[..., LLMEngine]:
-    """Build an engine on a fresh copy of the real model, with some limits overridden."""
+    """Build an engine on a fresh copy of the real model, with some limits (and ``model`` settings) overridden."""
 
-    def make(**limits: int) -> LLMEngine:
-        config = dataclasses.replace(default_config, limits=dataclasses.replace(default_config.limits, **limits))
+    def make(model: dict | None = None, **limits: int) -> LLMEngine:
+        config = dataclasses.replace(
+            default_config,
+            model=dataclasses.replace(default_config.model, **(model or {})),
+            limits=dataclasses.replace(default_config.limits, **limits),
+        )
         return LLMEngine(config)
 
     return make

@@ -93,6 +93,15 @@ def test_chunked_prefill_preemption_and_late_arrivals_match_oracle(make_engine, 
     assert engine.stats.preemptions_total > 0, "the tiny KV pool should have forced a preemption"
 
 
+def test_sdpa_decode_attention_matches_oracle(make_engine, oracle, prompts) -> None:
+    """Decode attention through SDPA over gathered copies (the path of machines that cannot build the CPU
+    kernel, and of CUDA's eager steps), with chunked prefill and late arrivals."""
+    engine = make_engine(model={"cpu_attention_kernel": False}, max_num_batched_tokens=128)
+    assert not engine.runner.paged_decode_kernel
+    cases = [(ENDPOINTS[(i + 1) % 4], p) for i, p in enumerate(prompts)]
+    run_and_compare(engine, oracle, cases, stagger=4)
+
+
 def test_prefix_cache_reuse_matches_oracle(make_engine, oracle, prompts) -> None:
     """Requests sharing a 200-token prefix, run one after another, reuse its cached blocks within their own
     adapter only; a repeated prompt reuses all but the block of its last token. Outputs equal the oracle."""
