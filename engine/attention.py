@@ -10,7 +10,7 @@ to the group's longest context, with a length mask; each prefill chunk goes in i
 the tokens already cached (a chunk that is its sequence's whole context attends over its own K/V directly).
 On CUDA the same calls dispatch to fused kernels; a varlen paged kernel (FlashInfer or flash-attn) is the
 upgrade path behind the same signature. On the CPU in float32, all decodes go in one call to a compiled kernel
-that reads the cache in place (``PagedDecode``, engine/cpu_attention.py) when it could be built.
+that reads the cache in place (``PagedDecode``, engine/cpu_kernels.py) when it could be built.
 """
 
 from __future__ import annotations

@@ -34,9 +34,9 @@ class ModelConfig:
     packed_weights: bool = True
     # CUDA: run decode-only steps eagerly instead of replaying captured CUDA graphs (engine/cuda_graphs.py)
     enforce_eager: bool = False
-    # float32 on the CPU: decode attention reads the paged cache in place through a compiled kernel
-    # (engine/cpu_attention.py); false, or a machine that cannot build it, uses SDPA over gathered copies
-    cpu_attention_kernel: bool = True
+    # float32 on the CPU: decode attention and decode rows' LoRA deltas through kernels compiled on first use
+    # (engine/cpu_kernels.py); false, or a machine that cannot build them, uses the portable torch ops
+    cpu_kernels: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -47,7 +47,7 @@ class ModelConfig:
             raise ConfigError(f"model.device = {self.device!r}; use 'cpu' or 'cuda[:N]'")
         if self.num_threads < 0:
             raise ConfigError(f"model.num_threads = {self.num_threads}; use 0 (torch default) or more")
-        for name in ("packed_weights", "enforce_eager", "cpu_attention_kernel"):
+        for name in ("packed_weights", "enforce_eager", "cpu_kernels"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"model.{name} = {getattr(self, name)!r}; use true or false")
 

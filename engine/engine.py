@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine import cpu_attention
+from engine import cpu_kernels
 from engine.attention import register_paged_attention
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
@@ -116,8 +116,8 @@ class LLMEngine:
             limits, {e.name: e.slots for e in config.endpoints}, self.block_manager, self.lora.slots
         )
         self.runner = ModelRunner(self.model, self.lora, self.kv_cache, self.block_manager)
-        if cpu_attention.wanted(config.model):
-            self.runner.paged_decode_kernel = cpu_attention.load(cache_root(config.model))
+        if cpu_kernels.wanted(config.model) and cpu_kernels.load(cache_root(config.model)):
+            self.runner.paged_decode_kernel = self.lora.batch.decode_kernel = True
         # Graphs only over plain weights: bitsandbytes kernels were never captured and checked on a GPU here.
         if self.runner.device.type == "cuda" and not config.model.enforce_eager and config.model.quantization == "none":
             self.runner.use_decode_graphs(limits.max_num_seqs, limits.max_model_len, capture=True)

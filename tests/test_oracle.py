@@ -93,11 +93,12 @@ def test_chunked_prefill_preemption_and_late_arrivals_match_oracle(make_engine, 
     assert engine.stats.preemptions_total > 0, "the tiny KV pool should have forced a preemption"
 
 
-def test_sdpa_decode_attention_matches_oracle(make_engine, oracle, prompts) -> None:
-    """Decode attention through SDPA over gathered copies (the path of machines that cannot build the CPU
-    kernel, and of CUDA's eager steps), with chunked prefill and late arrivals."""
-    engine = make_engine(model={"cpu_attention_kernel": False}, max_num_batched_tokens=128)
-    assert not engine.runner.paged_decode_kernel
+def test_portable_ops_match_oracle(make_engine, oracle, prompts) -> None:
+    """Without the CPU kernels: decode attention through SDPA over gathered copies and decode rows' LoRA
+    through the masked-dense op (the path of machines that cannot build the kernels, and of CUDA's eager
+    steps), with chunked prefill and late arrivals."""
+    engine = make_engine(model={"cpu_kernels": False}, max_num_batched_tokens=128)
+    assert not engine.runner.paged_decode_kernel and not engine.lora.batch.decode_kernel
     cases = [(ENDPOINTS[(i + 1) % 4], p) for i, p in enumerate(prompts)]
     run_and_compare(engine, oracle, cases, stagger=4)
 

@@ -53,10 +53,14 @@ class LoRAMapping:
 
 
 class LoRABatch:
-    """Holds the mapping of the forward pass in progress; one instance is shared by all layers of a model."""
+    """Holds the mapping of the forward pass in progress; one instance is shared by all layers of a model.
+
+    ``decode_kernel``: the engine loaded engine/cpu_kernels.py, so float32 decode rows on the CPU take
+    ``lora_decode_delta`` (each row through its own adapter, one call) instead of the masked-dense op."""
 
     def __init__(self) -> None:
         self.mapping: LoRAMapping | None = None
+        self.decode_kernel = False
 
     @contextmanager
     def use(self, mapping: LoRAMapping) -> Iterator[None]:
@@ -90,6 +94,7 @@ class MultiLoRALinear(nn.Module):
         self.slot_weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (a [r, in], b*s [out, r])
         self.a_packed = torch.empty(0, self.in_features, dtype=dtype, device=self.device)  # [L*r, in]
         self.b_packed = torch.empty(self.out_features, 0, dtype=dtype, device=self.device)  # [out, L*r]
+        self.b_packed_t: torch.Tensor | None = None  # [L*r, out], made on first use by the CPU kernel
         self.packed_slots = 0  # L: highest resident slot
         self.packed_rank = 0  # r: highest resident rank
 
@@ -121,6 +126,7 @@ class MultiLoRALinear(nn.Module):
         b.zero_()
         a[:rank] = lora_a
         b[:, :rank] = b_scaled
+        self.b_packed_t = None
 
     def reset_lora(self, slot: int) -> None:
         self.slot_weights.pop(slot, None)
@@ -138,6 +144,7 @@ class MultiLoRALinear(nn.Module):
             b[:, slot - 1, : b_scaled.shape[1]] = b_scaled
         self.a_packed = a.view(-1, self.in_features)
         self.b_packed = b.view(self.out_features, -1)
+        self.b_packed_t = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -149,8 +156,20 @@ class MultiLoRALinear(nn.Module):
         mixed_rows = flat.shape[0] if mapping.num_mixed_rows is None else mapping.num_mixed_rows
         mixed_slots = mapping.slots_in_batch if mapping.mixed_slots is None else mapping.mixed_slots
         if mixed_rows and mixed_slots.intersection(self.slot_weights):
-            mask = mapping.column_mask(self.packed_slots, self.packed_rank, flat.dtype)
-            lora_masked_dense(flat[:mixed_rows], self.a_packed, self.b_packed, mask, out=out[:mixed_rows])
+            if self.batch.decode_kernel and flat.dtype == out.dtype == torch.float32 and not flat.is_cuda:
+                if self.b_packed_t is None:
+                    self.b_packed_t = self.b_packed.t().contiguous()
+                torch.ops.loraplex.lora_decode_delta(
+                    flat[:mixed_rows].contiguous(),
+                    self.a_packed,
+                    self.b_packed_t,
+                    mapping.token_lora_indices[:mixed_rows],
+                    self.packed_rank,
+                    out[:mixed_rows],
+                )
+            else:
+                mask = mapping.column_mask(self.packed_slots, self.packed_rank, flat.dtype)
+                lora_masked_dense(flat[:mixed_rows], self.a_packed, self.b_packed, mask, out=out[:mixed_rows])
         for segment in mapping.segments:
             if segment.slot in self.slot_weights:
                 lora_a, b_scaled = self.slot_weights[segment.slot]

@@ -1,0 +1,125 @@
+"""The CPU kernels against their torch references: paged decode attention against SDPA over each sequence's
+gathered context, the decode-row LoRA delta against the per-token loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import cpu_kernels
+from engine.config import ModelConfig
+from engine.engine import LLMEngine
+from engine.kv_cache import KVCache
+from engine.lora.ops import lora_reference
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory) -> None:
+    # CI must build it: a machine that cannot is served by the SDPA path, but the tests should say so loudly
+    assert cpu_kernels.load(tmp_path_factory.mktemp("cache")), "the CPU kernels did not build"
+
+
+def reference(q, cache: KVCache, tables, lens, scale):
+    """SDPA per sequence over its own gathered context, query heads grouped on their KV head."""
+    out = torch.empty_like(q)
+    heads, kv_heads, dim = q.shape[1], cache.key_cache[0].shape[2], q.shape[2]
+    for b in range(q.shape[0]):
+        k, v = cache.gather(0, tables[b : b + 1])
+        n = int(lens[b])
+        grouped = q[b : b + 1].view(1, kv_heads, heads // kv_heads, dim)
+        out[b] = F.scaled_dot_product_attention(grouped, k[:, :, :n], v[:, :, :n], scale=scale).reshape(heads, dim)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "block_size", "max_len"),
+    [(9, 3, 64, 16, 400), (8, 8, 32, 4, 37), (32, 8, 128, 16, 70), (4, 1, 16, 1, 9)],
+)
+def test_kernel_matches_sdpa(kernel, heads: int, kv_heads: int, dim: int, block_size: int, max_len: int) -> None:
+    torch.manual_seed(heads * dim + block_size)
+    num_blocks = 256
+    cache = KVCache(1, num_blocks, block_size, kv_heads, dim, torch.float32, "cpu")
+    cache.key_cache[0].normal_()
+    cache.value_cache[0].normal_(std=2.0)
+    lens = torch.tensor([1, max_len, 2, block_size, block_size + 1, max_len // 2], dtype=torch.long)
+    width = -(-max_len // block_size)
+    free = torch.randperm(num_blocks)  # blocks scattered through the pool, as after many requests
+    tables = torch.zeros(len(lens), width, dtype=torch.long)  # padded with block 0, never read past a length
+    used = 0
+    for b, n in enumerate(lens.tolist()):
+        count = -(-n // block_size)
+        tables[b, :count] = free[used : used + count]
+        used += count
+    q = torch.randn(len(lens), heads, dim)
+    out = torch.full_like(q, float("nan"))
+    scale = dim**-0.5
+    torch.ops.loraplex.paged_decode_attention(q, cache.key_cache[0], cache.value_cache[0], tables, lens, scale, out)
+    torch.testing.assert_close(out, reference(q, cache, tables, lens, scale), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_refuses_what_it_cannot_read(kernel) -> None:
+    cache = KVCache(1, 4, 4, 2, 8, torch.float32, "cpu")
+    k, v = cache.key_cache[0], cache.value_cache[0]
+    q, out = torch.randn(1, 4, 8), torch.empty(1, 4, 8)
+    ok_tables, ok_lens = torch.tensor([[0, 1]]), torch.tensor([6])
+    op = torch.ops.loraplex.paged_decode_attention
+    with pytest.raises(RuntimeError, match="block id outside the cache"):
+        op(q, k, v, torch.tensor([[0, 99]]), ok_lens, 1.0, out)
+    with pytest.raises(RuntimeError, match="context length outside the block table"):
+        op(q, k, v, ok_tables, torch.tensor([9]), 1.0, out)
+    with pytest.raises(RuntimeError, match="float32"):
+        op(q.double(), k, v, ok_tables, ok_lens, 1.0, out)
+    op(q, k, v, ok_tables, ok_lens, 1.0, out)  # and the same call with good inputs works
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 48])
+@pytest.mark.parametrize("popularity", ["distinct", "skewed", "identical", "with_base"])
+def test_lora_kernel_matches_reference_loop(kernel, rows: int, popularity: str) -> None:
+    """Slots 1..3 packed at rank 16 (smaller ranks zero-padded, as the layer packs them); slot 4 is resident
+    elsewhere but not in this layer, so its rows add nothing, as in the masked-dense op."""
+    torch.manual_seed(rows)
+    in_features, out_features, rank, num_slots = 576, 192, 16, 3
+    ranks = {1: 16, 2: 8, 3: 4}
+    lora_a = torch.zeros(num_slots + 1, rank, in_features)
+    lora_b = torch.zeros(num_slots + 1, out_features, rank)
+    for slot, r in ranks.items():
+        lora_a[slot, :r] = torch.randn(r, in_features)
+        lora_b[slot, :, :r] = torch.randn(out_features, r) * 0.1
+    slots = {
+        "distinct": torch.arange(rows) % 5,  # 0..4: the base, three adapters and one this layer lacks
+        "skewed": torch.where(torch.rand(rows) < 0.8, 1, torch.randint(0, 4, (rows,))),
+        "identical": torch.full((rows,), 2),
+        "with_base": torch.where(torch.arange(rows) % 2 == 0, 0, 3),
+    }[popularity].long()
+    x = torch.randn(rows, in_features)
+    base = torch.randn(rows, out_features)
+    out = base.clone()
+    a_packed = lora_a[1:].reshape(-1, in_features)
+    b_packed_t = lora_b[1:].permute(1, 0, 2).reshape(out_features, -1).t().contiguous()
+    torch.ops.loraplex.lora_decode_delta(x, a_packed, b_packed_t, slots, rank, out)
+    in_layer = torch.where(slots <= num_slots, slots, 0)
+    want = base + lora_reference(x, lora_a, lora_b, in_layer)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[slots == 0], base[slots == 0]), "base rows are left exactly as they were"
+
+
+def test_lora_kernel_refuses_bad_shapes(kernel) -> None:
+    op = torch.ops.loraplex.lora_decode_delta
+    x, out, slots = torch.randn(2, 8), torch.zeros(2, 4), torch.tensor([1, 0])
+    a, b = torch.randn(6, 8), torch.randn(6, 4)
+    with pytest.raises(RuntimeError, match="adapter shapes"):
+        op(x, a, torch.randn(6, 5), slots, 3, out)
+    with pytest.raises(RuntimeError, match="whole number of ranks"):
+        op(x, a, b, slots, 4, out)
+    with pytest.raises(RuntimeError, match="negative adapter slot"):
+        op(x, a, b, torch.tensor([-1, 0]), 3, out)
+    op(x, a, b, slots, 3, out)
+    assert out[1].abs().sum() == 0 and out[0].abs().sum() > 0
+
+
+def test_engine_uses_kernels_only_for_float32_cpu(engine: LLMEngine) -> None:
+    assert engine.runner.paged_decode_kernel and engine.lora.batch.decode_kernel, "the default engine uses them"
+    assert not cpu_kernels.wanted(ModelConfig(dtype="bfloat16"))
+    assert not cpu_kernels.wanted(ModelConfig(cpu_kernels=False))
+    assert cpu_kernels.wanted(ModelConfig())
