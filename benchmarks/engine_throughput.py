@@ -7,6 +7,9 @@ One process, one run, one workload, the default model (SmolLM2-135M-Instruct, fl
                              alternate for ``--rounds`` rounds, default 2, and report their means)
     loraplex, unpacked       ``model.packed_weights = false``: torch's default CPU matmul instead of weights
                              pre-packed for oneDNN (engine/cpu_linear.py); must give the same greedy tokens
+    loraplex, torch ops      ``model.cpu_kernels = false``: decode attention through SDPA over gathered copies
+                             and decode rows' LoRA through the masked-dense op instead of the compiled CPU
+                             kernels (engine/cpu_kernels.py); must give the same greedy tokens
     (a) PEFT one at a time   transformers + PEFT, ``set_adapter`` then greedy ``generate`` per request
     (b) PEFT static batches  PEFT's mixed-adapter ``generate(adapter_names=...)``, batches of ``--batch-size``
                              in arrival order, each batch run to its longest request
@@ -67,7 +70,7 @@ from engine.loader import resolve_model_dir  # noqa: E402
 from engine.sequence import FinishReason, Request, SamplingParams  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
-BASELINES = ("base-only", "unpacked", "peft-sequential", "peft-batched", "copies", "thread-sweep")
+BASELINES = ("base-only", "unpacked", "torch-ops", "peft-sequential", "peft-batched", "copies", "thread-sweep")
 # Standard-library modules whose source (code and docstrings) the prompts are cut from.
 SOURCE_MODULES = (
     "argparse",
@@ -780,20 +783,24 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             s["seconds"] = round(s["seconds"], 3)
     del engine
 
-    if "unpacked" not in args.skip:
-        log("loraplex: unpacked weights (torch's default CPU matmul)")
+    variants = {  # one engine setting turned off: what that part of the engine is worth, same tokens or stop
+        "unpacked": ("packed_weights", "torch's default CPU matmul"),
+        "torch-ops": ("cpu_kernels", "SDPA and the masked-dense LoRA op instead of the CPU kernels"),
+    }
+    for name, (setting, what) in variants.items():
+        if name in args.skip:
+            continue
+        log(f"loraplex: model.{setting} = false ({what})")
         deployment = Deployment()
-        unpacked = LLMEngine(dataclasses.replace(config, model=dataclasses.replace(config.model, packed_weights=False)))
+        variant = LLMEngine(dataclasses.replace(config, model=dataclasses.replace(config.model, **{setting: False})))
         deployment.loaded()
-        memory["unpacked"] = {}
-        run_loraplex(unpacked, warm, "warmup", "")
-        with deployment.measure(memory["unpacked"]):
-            results["unpacked"] = run_loraplex(
-                unpacked, workload, "unpacked", "loraplex with model.packed_weights = false"
-            )
-        memory["unpacked"] = {**engine_memory(unpacked, workload), **memory["unpacked"]}
-        results["unpacked"].memory = memory["unpacked"]
-        del unpacked
+        memory[name] = {}
+        run_loraplex(variant, warm, "warmup", "")
+        with deployment.measure(memory[name]):
+            results[name] = run_loraplex(variant, workload, name, f"loraplex with model.{setting} = false")
+        memory[name] = {**engine_memory(variant, workload), **memory[name]}
+        results[name].memory = memory[name]
+        del variant
 
     # (a) and (b): one base with the three adapters loaded into PEFT.
     if {"peft-sequential", "peft-batched"} - args.skip:
