@@ -54,6 +54,34 @@ class AsyncEngine:
     def start(self) -> None:
         self.thread.start()
 
+    @classmethod
+    def build_on_loop_thread(cls, build: Callable[[], LLMEngine]) -> AsyncEngine:
+        """Build the engine on the thread that will step it, start its loop there, and return once it is built.
+
+        Why: every thread that runs torch ops on the CPU gets its own OpenMP team. An engine built on one thread
+        and stepped on another leaves two teams, more team threads than the 2 cores here, and libgomp then
+        stops spin-waiting between parallel regions, so each of a decode step's ~2,000 ops waits for a worker
+        to wake. Measured: a one-sequence decode step through the server took 1.2-1.4x the same step in
+        process (``benchmarks/stream_overhead.py``); with one thread doing all the torch work, 1.01x.
+        """
+        built: queue.SimpleQueue[AsyncEngine | BaseException] = queue.SimpleQueue()
+
+        def main() -> None:
+            try:
+                async_engine = cls(build())
+            except BaseException as e:  # the caller raises it
+                built.put(e)
+                return
+            async_engine.thread = threading.current_thread()
+            built.put(async_engine)
+            async_engine._run()
+
+        threading.Thread(target=main, name="loraplex-engine", daemon=True).start()
+        result = built.get()
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
     @property
     def is_alive(self) -> bool:
         return self.thread.is_alive() and self.error is None

@@ -35,7 +35,8 @@ class ServerState:
         """Build the engine and start its loop; blocking, so run it in a thread."""
         start = time.monotonic()
         log.info("loading model %s", self.config.model.path or "(embedded SmolLM2-135M-Instruct)")
-        engine = LLMEngine(self.config)
+        async_engine = AsyncEngine.build_on_loop_thread(lambda: LLMEngine(self.config))
+        engine = async_engine.engine
         for name, adapter in engine.lora.adapters.items():
             log.info(
                 "adapter %s: rank %d, targets %s, from %s",
@@ -44,8 +45,6 @@ class ServerState:
                 ",".join(adapter.target_modules),
                 adapter.path,
             )
-        async_engine = AsyncEngine(engine)
-        async_engine.start()
         self.engine, self.async_engine = engine, async_engine
         self.metrics.bind(async_engine)
         log.info("model %s loaded in %.1f s", engine.model_name, time.monotonic() - start)

@@ -123,3 +123,9 @@ def test_engine_uses_kernels_only_for_float32_cpu(engine: LLMEngine) -> None:
     assert not cpu_kernels.wanted(ModelConfig(dtype="bfloat16"))
     assert not cpu_kernels.wanted(ModelConfig(cpu_kernels=False))
     assert cpu_kernels.wanted(ModelConfig())
+
+
+def test_no_compiler_means_torch_ops_not_a_crash(tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    assert cpu_kernels._build_and_load(tmp_path) is False
+    assert "CPU kernels not built" in caplog.text
