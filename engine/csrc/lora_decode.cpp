@@ -17,12 +17,12 @@
 namespace {
 
 void lora_decode_delta(
-    const at::Tensor& x,         // [T, in]
-    const at::Tensor& a_packed,  // [L * rank, in]
+    const at::Tensor& x,           // [T, in]
+    const at::Tensor& a_packed,    // [L * rank, in]
     const at::Tensor& b_packed_t,  // [L * rank, out]: B transposed, scaling folded in
-    const at::Tensor& slots,     // [T] int64, 0 = no adapter, else 1..L
+    const at::Tensor& slots,       // [T] int64, 0 = no adapter, else 1..L
     int64_t rank,
-    const at::Tensor& out) {     // [T, out], the delta is added in place
+    const at::Tensor& out) {       // [T, out], the delta is added in place
   for (const at::Tensor* t : {&x, &a_packed, &b_packed_t, &out}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu() && t->dim() == 2,
                 "lora_decode_delta: float32 contiguous 2-D CPU tensors only");

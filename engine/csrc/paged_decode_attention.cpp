@@ -15,7 +15,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <vector>
 
 namespace {
@@ -75,8 +74,8 @@ void paged_decode_attention(
       }
       for (int64_t h = 0; h < heads; ++h) {
         float* row = scores.data() + h * n;
-        float top = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < n; ++t) top = std::max(top, row[t]);
+        float top = row[0];  // not -inf: -ffast-math lets the compiler assume no infinities
+        for (int64_t t = 1; t < n; ++t) top = std::max(top, row[t]);
         float sum = 0.f;
         for (int64_t t = 0; t < n; ++t) {
           row[t] = std::exp(row[t] - top);
