@@ -59,10 +59,11 @@ class AsyncEngine:
         """Build the engine on the thread that will step it, start its loop there, and return once it is built.
 
         Why: every thread that runs torch ops on the CPU gets its own OpenMP team. An engine built on one thread
-        and stepped on another leaves two teams, more team threads than the 2 cores here, and libgomp then
-        stops spin-waiting between parallel regions, so each of a decode step's ~2,000 ops waits for a worker
-        to wake. Measured: a one-sequence decode step through the server took 1.2-1.4x the same step in
-        process (``benchmarks/stream_overhead.py``); with one thread doing all the torch work, 1.01x.
+        and stepped on another leaves two teams, more team threads than the 2 cores here; the likely mechanism
+        is that libgomp then stops spin-waiting between parallel regions, so each of a decode step's ~2,000
+        ops waits for a worker to wake. Measured: a one-sequence decode step through the server took 1.2-1.4x
+        the same step in process (``benchmarks/stream_overhead.py``); with one thread doing all the torch work,
+        1.01x.
         """
         built: queue.SimpleQueue[AsyncEngine | BaseException] = queue.SimpleQueue()
 

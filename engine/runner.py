@@ -47,7 +47,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA (engine/cuda_graphs.py)
         self.decode_group_seqs = DECODE_GROUP_SEQS if self.device.type == "cpu" else None
-        self.paged_decode_kernel = False  # set by the engine when engine/cpu_kernels.py's kernels is loaded
+        self.paged_decode_kernel = False  # set by the engine once engine/cpu_kernels.py has loaded
 
     def use_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool) -> None:
         """Run decode-only steps through ``DecodeGraphs``: captured on CUDA, the same static forward without
