@@ -35,7 +35,11 @@ from engine.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_decode_attention.cpp", "lora_decode.cpp")]
+SOURCES = [
+    Path(__file__).with_name("csrc") / name
+    for name in ("paged_decode_attention.cpp", "lora_decode.cpp", "panel_linear.cpp")
+]
+OPS = ("paged_decode_attention", "lora_decode_delta", "pack_linear_weight", "panel_linear")
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet in this process
 
@@ -97,4 +101,4 @@ def _build_and_load(cache_root: Path) -> bool:
     except Exception as e:  # a missing header, a compiler error: serve anyway, on the slower path
         log.warning("CPU kernels could not be built (%s); using the slower torch ops", e)
         return False
-    return all(hasattr(torch.ops.loraplex, op) for op in ("paged_decode_attention", "lora_decode_delta"))
+    return all(hasattr(torch.ops.loraplex, op) for op in OPS)

@@ -5,13 +5,16 @@ single token but repacks the whole weight on every call once there are 2 or more
 with 3 rows costs about 3x one row, and the 49152-row LM head about 3.5x. A serving engine multiplies the same
 weights by a few rows at every decode step, so two changes are made once, at load time:
 
-- every projection inside the decoder keeps its weight pre-packed for oneDNN (torch's bundled mkldnn), which
-  does not repack per call; the dense copy is dropped, so memory does not grow;
+- every projection inside the decoder keeps its weight pre-packed, and the dense copy is dropped, so memory
+  does not grow. With the engine's CPU kernels (engine/cpu_kernels.py) the layout is their own 16-column
+  panels (``PanelLinear``, engine/csrc/panel_linear.cpp): decode steps read the weights near the memory's
+  bandwidth, where oneDNN's packed path reads them at about half of it. Without the kernels (no compiler,
+  ``model.cpu_kernels = false``) the weights are packed for oneDNN, torch's bundled library (``PackedLinear``);
 - the LM head, whose weight is usually tied to the input embeddings (which need it dense), is computed as
   ``weight @ hidden.T``: MKL then packs the few hidden rows, not the 28M-element weight.
 
-``benchmarks/decode_step.py`` measures whole decode steps against torch's default (1.4-1.5x faster at 2-4
-sequences, 1.1x at one); ``benchmarks/engine_throughput.py`` does so on its large-batch workload (``unpacked``).
+``benchmarks/decode_step.py`` measures whole decode steps against torch's default and against each other;
+``benchmarks/engine_throughput.py`` does so on its large-batch workload (``unpacked``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,32 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=onednn"
 
 
+class PanelLinear(nn.Module):
+    """``nn.Linear`` with its weight in the 16-column panels of the ``loraplex::panel_linear`` CPU kernel.
+
+    Each row's result is independent of the other rows in the call (the kernel sums every output in one order),
+    so batching cannot move a greedy token. The panels are zero-padded to a multiple of 16 output features.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        packed = torch.ops.loraplex.pack_linear_weight(linear.weight.detach())
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).contiguous()
+        out = torch.ops.loraplex.panel_linear(rows, self.weight, self.out_features)
+        if self.bias is not None:
+            out += self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed=panels"
+
+
 class WeightFirstLinear(nn.Module):
     """``nn.Linear`` computed as ``weight @ x.T``; shares the original weight, so a tie to the embeddings holds."""
 
@@ -71,17 +100,19 @@ class WeightFirstLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def pack_for_cpu(model: nn.Module) -> int:
-    """Swap the decoder's ``nn.Linear`` modules for ``PackedLinear`` and the LM head for ``WeightFirstLinear``.
+def pack_for_cpu(model: nn.Module, panels: bool = False) -> int:
+    """Swap the decoder's ``nn.Linear`` modules for packed ones and the LM head for ``WeightFirstLinear``.
 
+    ``panels``: the CPU kernels are loaded, so the projections become ``PanelLinear``; else ``PackedLinear``.
     Runs after the multi-LoRA layers are attached (their base layers are swapped too) and before any forward
     pass. Returns how many projections were packed.
     """
+    packed_linear = PanelLinear if panels else PackedLinear
     decoder = model.get_decoder()
     linears = [(name, module) for name, module in decoder.named_modules() if type(module) is nn.Linear]
     for name, module in linears:
         parent_name, _, child = name.rpartition(".")
-        setattr(decoder.get_submodule(parent_name), child, PackedLinear(module))
+        setattr(decoder.get_submodule(parent_name), child, packed_linear(module))
     lm_head = model.get_output_embeddings()
     if type(lm_head) is nn.Linear:
         model.set_output_embeddings(WeightFirstLinear(lm_head))

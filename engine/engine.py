@@ -86,8 +86,10 @@ class LLMEngine:
         dtype = getattr(torch, config.model.dtype)
         # LoRA layers go on before the first forward pass (bitsandbytes 4-bit repacks weights on it).
         self.lora = LoRAManager(self.model, limits.max_loras, limits.max_lora_rank, dtype)
+        kernels = cpu_kernels.wanted(config.model) and cpu_kernels.load(cache_root(config.model))
         if uses_packed_weights(config.model):
-            pack_for_cpu(self.model)  # after LoRA attaches (its base layers get packed too), before any forward
+            # after LoRA attaches (its base layers get packed too), before any forward
+            pack_for_cpu(self.model, panels=kernels)
         self.endpoint_adapters: dict[str, str | None] = {}  # endpoint -> adapter name (None = base)
         # Prefix-cache salt per adapter: a version number too, so an adapter loaded again under the same name
         # never reuses K/V its predecessor computed.
@@ -116,7 +118,7 @@ class LLMEngine:
             limits, {e.name: e.slots for e in config.endpoints}, self.block_manager, self.lora.slots
         )
         self.runner = ModelRunner(self.model, self.lora, self.kv_cache, self.block_manager)
-        if cpu_kernels.wanted(config.model) and cpu_kernels.load(cache_root(config.model)):
+        if kernels:
             self.runner.paged_decode_kernel = self.lora.batch.decode_kernel = True
         # Graphs only over plain weights: bitsandbytes kernels were never captured and checked on a GPU here.
         if self.runner.device.type == "cuda" and not config.model.enforce_eager and config.model.quantization == "none":

@@ -1,4 +1,7 @@
-"""The CPU matmul swaps of engine/cpu_linear.py: same results as ``nn.Linear``, same parameters, same ties."""
+"""The CPU matmul swaps of engine/cpu_linear.py: same results as ``nn.Linear``, same parameters, same ties.
+
+``PanelLinear`` runs the ``panel_linear`` CPU kernel (engine/csrc/panel_linear.cpp); ``PackedLinear`` is oneDNN.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +12,72 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from engine import cpu_kernels
 from engine.config import EngineConfig, ModelConfig
-from engine.cpu_linear import PackedLinear, WeightFirstLinear, pack_for_cpu, packing_available, uses_packed_weights
+from engine.cpu_linear import (
+    PackedLinear,
+    PanelLinear,
+    WeightFirstLinear,
+    pack_for_cpu,
+    packing_available,
+    uses_packed_weights,
+)
 from engine.engine import LLMEngine
 from engine.sequence import Request, SamplingParams
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN")
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory) -> None:
+    assert cpu_kernels.load(tmp_path_factory.mktemp("cache")), "the CPU kernels did not build"
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(
+    ("rows", "in_features", "out_features"),
+    # 1-6 rows: every tile height; 7, 13, 97, 200: tiles plus a remainder, and several row blocks;
+    # 300 features: a partial 256-deep slice; 37 and 1000 outputs: a partial last panel
+    [(1, 576, 1536), (2, 576, 192), (3, 1536, 576), (4, 64, 48), (5, 576, 576), (6, 300, 37), (7, 576, 1536),
+     (13, 64, 1000), (97, 576, 576), (200, 300, 37)],
+)  # fmt: skip
+def test_panel_linear_equals_linear(kernels, rows: int, in_features: int, out_features: int, bias: bool) -> None:
+    torch.manual_seed(rows * out_features)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    x = torch.randn(rows, in_features)
+    out = PanelLinear(linear)(x)
+    assert out.shape == (rows, out_features)
+    torch.testing.assert_close(out, linear(x), rtol=1e-5, atol=1e-4)
+
+
+def test_panel_linear_keeps_leading_dims_and_reads_strided_input(kernels) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96, bias=False)
+    x = torch.randn(2, 5, 128)[..., ::2]  # not contiguous
+    torch.testing.assert_close(PanelLinear(linear)(x), linear(x), rtol=1e-5, atol=1e-4)
+
+
+def test_panel_linear_row_does_not_depend_on_its_batch_companions(kernels) -> None:
+    """Bit-identical alone or among others, across tile heights and row blocks: batching moves no token."""
+    torch.manual_seed(0)
+    panel = PanelLinear(nn.Linear(576, 1536, bias=False))
+    x = torch.randn(200, 576)
+    together = panel(x)
+    for rows in (1, 2, 5, 6, 7, 48, 97):
+        assert torch.equal(panel(x[:rows]), together[:rows])
+    assert torch.equal(panel(x[150:151]), together[150:151])
+
+
+def test_panel_linear_refuses_mismatched_inputs(kernels) -> None:
+    weight = torch.ops.loraplex.pack_linear_weight(torch.randn(40, 64))
+    with pytest.raises(RuntimeError, match="x has 32 features, the weight expects 64"):
+        torch.ops.loraplex.panel_linear(torch.randn(3, 32), weight, 40)
+    with pytest.raises(RuntimeError, match="out_features 50 does not match 3 panels"):
+        torch.ops.loraplex.panel_linear(torch.randn(3, 64), weight, 50)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.loraplex.panel_linear(torch.randn(3, 64, dtype=torch.float64), weight, 40)
+    with pytest.raises(RuntimeError, match="pack_linear_weight"):
+        torch.ops.loraplex.panel_linear(torch.randn(3, 64), torch.randn(40, 64), 40)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -48,7 +111,10 @@ def test_weight_first_linear_equals_linear_and_keeps_the_weight(rows: int) -> No
     torch.testing.assert_close(head(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
-def test_pack_for_cpu_keeps_logits_parameters_and_the_embedding_tie() -> None:
+@pytest.mark.parametrize("panels", [False, True])
+def test_pack_for_cpu_keeps_logits_parameters_and_the_embedding_tie(request, panels: bool) -> None:
+    if panels:
+        request.getfixturevalue("kernels")
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -59,8 +125,9 @@ def test_pack_for_cpu_keeps_logits_parameters_and_the_embedding_tie() -> None:
     with torch.inference_mode():
         expected = model(ids).logits
     params = sum(p.numel() for p in model.parameters())
-    assert pack_for_cpu(model) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    assert pack_for_cpu(model, panels=panels) == 2 * 7  # q, k, v, o, gate, up, down per layer
     assert all(type(m) is not nn.Linear for m in model.modules())
+    assert any(type(m) is (PanelLinear if panels else PackedLinear) for m in model.modules())
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert sum(p.numel() for p in model.parameters()) == params
     with torch.inference_mode():
@@ -82,12 +149,13 @@ def test_packing_applies_only_to_a_plain_float32_cpu_base(change: dict, expected
 
 
 def test_engine_greedy_tokens_are_the_same_packed_or_not(default_config: EngineConfig, engine: LLMEngine) -> None:
-    """The oracle suite runs packed (the default); this pins the unpacked path to the same tokens."""
+    """The oracle suite runs with the kernels' panels (the default), and its portable-ops test with oneDNN's
+    packing; this pins the unpacked path to the same tokens."""
     unpacked = LLMEngine(
         dataclasses.replace(default_config, model=dataclasses.replace(default_config.model, packed_weights=False))
     )
-    assert not any(isinstance(m, PackedLinear) for m in unpacked.model.modules())
-    assert any(isinstance(m, PackedLinear) for m in engine.model.modules())
+    assert not any(isinstance(m, (PackedLinear, PanelLinear)) for m in unpacked.model.modules())
+    assert any(isinstance(m, PanelLinear) for m in engine.model.modules())
     prompts = [engine.tokenizer.encode(text) for text in ("def fibonacci(n):", "The capital of France is", "Hi")]
     requests = [
         Request(f"packed-{i}", endpoint, prompt, SamplingParams(max_tokens=24, ignore_eos=True))

@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 
+from engine.cpu_linear import PackedLinear
 from engine.engine import LLMEngine
 from engine.sequence import Request, SamplingParams
 
@@ -96,9 +97,10 @@ def test_chunked_prefill_preemption_and_late_arrivals_match_oracle(make_engine, 
 def test_portable_ops_match_oracle(make_engine, oracle, prompts) -> None:
     """Without the CPU kernels: decode attention through SDPA over gathered copies and decode rows' LoRA
     through the masked-dense op (the path of machines that cannot build the kernels, and of CUDA's eager
-    steps), with chunked prefill and late arrivals."""
+    steps) and the projections through oneDNN's packed weights, with chunked prefill and late arrivals."""
     engine = make_engine(model={"cpu_kernels": False}, max_num_batched_tokens=128)
     assert not engine.runner.paged_decode_kernel and not engine.lora.batch.decode_kernel
+    assert any(isinstance(m, PackedLinear) for m in engine.model.modules())
     cases = [(ENDPOINTS[(i + 1) % 4], p) for i, p in enumerate(prompts)]
     run_and_compare(engine, oracle, cases, stagger=4)
 

@@ -1,0 +1,157 @@
+// Linear projection y = x @ W.T over a weight stored in 16-column panels (CPU, float32).
+//
+// Decode steps multiply the same weights by a few rows each; oneDNN's packed path (engine/cpu_linear.py) reads
+// them at about half the memory bandwidth there, and MKL repacks the whole weight per call once there are two
+// or more rows. Here the weight is packed once, at load, as [ceil(N / 16)][K][16]: panel p holds output columns
+// 16p .. 16p + 15, and for each k their 16 weights are adjacent. A tile of up to 6 rows x 16 columns keeps its
+// 12 eight-lane accumulators in registers: per k, two vector loads of the panel, one broadcast per row, two
+// fused multiply-adds per row. With a few rows the panel streams from memory once; with many, each 256-deep
+// slice of a panel (16 KB) stays in L1 while every row tile passes over it.
+//
+// Every output element is the sum over k in the same order (256-deep slices, lane by lane) whatever the number
+// of rows, so a row's result does not depend on its batch companions.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t kCols = 16;       // output columns per panel
+constexpr int64_t kDepth = 256;     // k per slice: a 16 KB panel slice stays in L1
+constexpr int64_t kRowBlock = 96;   // rows per block handed to one thread: their slice of x stays in L2
+
+typedef float f8 __attribute__((vector_size(32)));  // GCC vector extension: 8 lanes, AVX on x86, pairs on ARM
+
+inline f8 load8(const float* p) {
+  f8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store8(float* p, f8 v) { std::memcpy(p, &v, sizeof v); }
+
+// rows x 16 tile over k in [0, depth): y (+)= x[rows, :depth] @ panel[:depth, 16]
+template <int Rows>
+inline void tile(const float* x, int64_t ldx, const float* panel, int64_t depth, float* y, int64_t ldy,
+                 int64_t cols, bool accumulate) {
+  f8 lo[Rows], hi[Rows];
+#pragma GCC unroll 8
+  for (int i = 0; i < Rows; ++i) lo[i] = hi[i] = f8{};
+  for (int64_t k = 0; k < depth; ++k) {
+    const f8 w_lo = load8(panel + k * kCols), w_hi = load8(panel + k * kCols + 8);
+#pragma GCC unroll 8
+    for (int i = 0; i < Rows; ++i) {
+      const float xv = x[i * ldx + k];
+      lo[i] += xv * w_lo;
+      hi[i] += xv * w_hi;
+    }
+  }
+  if (cols == kCols) {
+#pragma GCC unroll 8
+    for (int i = 0; i < Rows; ++i) {
+      if (accumulate) {
+        lo[i] += load8(y + i * ldy);
+        hi[i] += load8(y + i * ldy + 8);
+      }
+      store8(y + i * ldy, lo[i]);
+      store8(y + i * ldy + 8, hi[i]);
+    }
+  } else {  // the last panel of a projection whose width is not a multiple of 16
+    for (int i = 0; i < Rows; ++i) {
+      alignas(32) float lanes[kCols];
+      store8(lanes, lo[i]);
+      store8(lanes + 8, hi[i]);
+      for (int64_t j = 0; j < cols; ++j) y[i * ldy + j] = accumulate ? y[i * ldy + j] + lanes[j] : lanes[j];
+    }
+  }
+}
+
+void rows_over_panel(const float* x, int64_t ldx, const float* panel, int64_t depth, float* y, int64_t ldy,
+                     int64_t cols, int64_t rows, bool accumulate) {
+  int64_t r = 0;
+  for (; r + 6 <= rows; r += 6) tile<6>(x + r * ldx, ldx, panel, depth, y + r * ldy, ldy, cols, accumulate);
+  const float* xr = x + r * ldx;
+  float* yr = y + r * ldy;
+  switch (rows - r) {
+    case 5: tile<5>(xr, ldx, panel, depth, yr, ldy, cols, accumulate); break;
+    case 4: tile<4>(xr, ldx, panel, depth, yr, ldy, cols, accumulate); break;
+    case 3: tile<3>(xr, ldx, panel, depth, yr, ldy, cols, accumulate); break;
+    case 2: tile<2>(xr, ldx, panel, depth, yr, ldy, cols, accumulate); break;
+    case 1: tile<1>(xr, ldx, panel, depth, yr, ldy, cols, accumulate); break;
+    default: break;
+  }
+}
+
+at::Tensor pack_linear_weight(const at::Tensor& weight) {  // [N, K] -> [ceil(N / 16), K, 16], zero-padded
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.device().is_cpu() && weight.dim() == 2,
+              "pack_linear_weight: a 2-D float32 CPU weight [out_features, in_features]");
+  const at::Tensor w = weight.contiguous();
+  const int64_t n = w.size(0), k = w.size(1), panels = (n + kCols - 1) / kCols;
+  at::Tensor packed = at::zeros({panels, k, kCols}, w.options());
+  const float* src = w.data_ptr<float>();
+  float* dst = packed.data_ptr<float>();
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      for (int64_t c = 0; c < kCols && p * kCols + c < n; ++c) {
+        const float* row = src + (p * kCols + c) * k;
+        for (int64_t j = 0; j < k; ++j) dst[(p * k + j) * kCols + c] = row[j];
+      }
+    }
+  });
+  return packed;
+}
+
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu() && x.dim() == 2,
+              "panel_linear: x must be a contiguous 2-D float32 CPU tensor [rows, in_features]");
+  TORCH_CHECK(packed.scalar_type() == at::kFloat && packed.is_contiguous() && packed.dim() == 3 &&
+                  packed.size(2) == kCols,
+              "panel_linear: the weight must come from pack_linear_weight");
+  const int64_t rows = x.size(0), depth = x.size(1), panels = packed.size(0);
+  TORCH_CHECK(packed.size(1) == depth, "panel_linear: x has ", depth, " features, the weight expects ",
+              packed.size(1));
+  TORCH_CHECK(out_features > (panels - 1) * kCols && out_features <= panels * kCols,
+              "panel_linear: out_features ", out_features, " does not match ", panels, " panels");
+  at::Tensor y = at::empty({rows, out_features}, x.options());
+  if (rows == 0) return y;
+  const float* xs = x.data_ptr<float>();
+  const float* ws = packed.data_ptr<float>();
+  float* ys = y.data_ptr<float>();
+  // Row blocks of equal size (a multiple of the 6-row tile), jobs ordered panel by panel: the threads' shares
+  // of the work are even whatever the row count.
+  const int64_t row_blocks = (rows + kRowBlock - 1) / kRowBlock;
+  const int64_t block_rows = ((rows + row_blocks - 1) / row_blocks + 5) / 6 * 6;
+  at::parallel_for(0, row_blocks * panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t p = job / row_blocks, block = job % row_blocks;
+      const int64_t r0 = block * block_rows, nrows = std::min(block_rows, rows - r0);
+      if (nrows <= 0) continue;
+      const int64_t cols = std::min(kCols, out_features - p * kCols);
+      for (int64_t k0 = 0; k0 < depth; k0 += kDepth) {
+        rows_over_panel(xs + r0 * depth + k0, depth, ws + (p * depth + k0) * kCols, std::min(kDepth, depth - k0),
+                        ys + r0 * out_features + p * kCols, out_features, cols, nrows, k0 > 0);
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(loraplex, m) {
+  m.def("pack_linear_weight(Tensor weight) -> Tensor");
+  m.def("panel_linear(Tensor x, Tensor packed, int out_features) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(loraplex, CPU, m) {
+  m.impl("pack_linear_weight", pack_linear_weight);
+  m.impl("panel_linear", panel_linear);
+}
