@@ -6,10 +6,12 @@ One process, one run, one workload, the default model (SmolLM2-135M-Instruct, fl
     loraplex, base only      the same prompts and lengths, all on the base model: what adapters cost (the two
                              alternate for ``--rounds`` rounds, default 2, and report their means)
     loraplex, unpacked       ``model.packed_weights = false``: torch's default CPU matmul instead of weights
-                             pre-packed for oneDNN (engine/cpu_linear.py); must give the same greedy tokens
-    loraplex, torch ops      ``model.cpu_kernels = false``: decode attention through SDPA over gathered copies
-                             and decode rows' LoRA through the masked-dense op instead of the compiled CPU
-                             kernels (engine/cpu_kernels.py); must give the same greedy tokens
+                             pre-packed in the panels of the CPU kernels (engine/cpu_linear.py); must give the
+                             same greedy tokens
+    loraplex, torch ops      ``model.cpu_kernels = false``: none of the compiled CPU kernels
+                             (engine/cpu_kernels.py): projections through oneDNN's packed weights, decode
+                             attention through SDPA over gathered copies, decode rows' LoRA through the
+                             masked-dense op; must give the same greedy tokens
     (a) PEFT one at a time   transformers + PEFT, ``set_adapter`` then greedy ``generate`` per request
     (b) PEFT static batches  PEFT's mixed-adapter ``generate(adapter_names=...)``, batches of ``--batch-size``
                              in arrival order, each batch run to its longest request
@@ -785,7 +787,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     variants = {  # one engine setting turned off: what that part of the engine is worth, same tokens or stop
         "unpacked": ("packed_weights", "torch's default CPU matmul"),
-        "torch-ops": ("cpu_kernels", "SDPA and the masked-dense LoRA op instead of the CPU kernels"),
+        "torch-ops": ("cpu_kernels", "oneDNN, SDPA and the masked-dense LoRA op instead of the CPU kernels"),
     }
     for name, (setting, what) in variants.items():
         if name in args.skip:
