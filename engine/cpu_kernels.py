@@ -11,9 +11,15 @@ Why hand-written kernels (float32 on the CPU only; CUDA and other dtypes keep th
   (shrink over every resident adapter, mask, expand), 210 per step on the default model; on the CPU their
   call overhead dominates at a few rows, and the other adapters' columns are wasted work at many. The
   kernel runs each row through its own adapter in one call.
+- ``panel_linear`` (with ``pack_linear_weight``) and ``row_major_linear``: the decoder's projections and the
+  LM head (engine/cpu_linear.py). A decode step multiplies every weight by a few rows; oneDNN's packed path
+  and MKL read the weights there at about half the memory's bandwidth, and the weights are most of a small
+  batch's step. oneDNN's packed layout is opaque, so no kernel of ours can read it: the projections are
+  packed in the kernel's own layout instead, with oneDNN's packing as the fallback when the kernels are off.
+- ``rms_norm``: Llama's RMSNorm in one pass per row instead of six torch ops (engine/cpu_norm.py).
 
-Both are plain loops (compiled with the host's vector instructions) with the torch ops as their references
-in the tests. They are compiled with torch's C++ extension builder (g++ and ninja) on first use, into the
+All are plain loops (compiled with the host's vector instructions) with torch ops as their references in the
+tests. They are compiled with torch's C++ extension builder (g++ and ninja) on first use, into the
 loraplex cache folder under a name keyed by the CPU's instruction-set flags and the torch version, so a cache
 copied to another machine is never run on a CPU it was not built for. If they cannot be built, the engine
 says why and keeps the torch ops; ``model.cpu_kernels = false`` chooses those outright.
@@ -37,9 +43,22 @@ log = logging.getLogger(__name__)
 
 SOURCES = [
     Path(__file__).with_name("csrc") / name
-    for name in ("paged_decode_attention.cpp", "lora_decode.cpp", "panel_linear.cpp")
+    for name in (
+        "paged_decode_attention.cpp",
+        "lora_decode.cpp",
+        "panel_linear.cpp",
+        "row_major_linear.cpp",
+        "rms_norm.cpp",
+    )
 ]
-OPS = ("paged_decode_attention", "lora_decode_delta", "pack_linear_weight", "panel_linear")
+OPS = (
+    "paged_decode_attention",
+    "lora_decode_delta",
+    "pack_linear_weight",
+    "panel_linear",
+    "row_major_linear",
+    "rms_norm",
+)
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet in this process
 

@@ -10,8 +10,10 @@ weights by a few rows at every decode step, so two changes are made once, at loa
   panels (``PanelLinear``, engine/csrc/panel_linear.cpp): decode steps read the weights near the memory's
   bandwidth, where oneDNN's packed path reads them at about half of it. Without the kernels (no compiler,
   ``model.cpu_kernels = false``) the weights are packed for oneDNN, torch's bundled library (``PackedLinear``);
-- the LM head, whose weight is usually tied to the input embeddings (which need it dense), is computed as
-  ``weight @ hidden.T``: MKL then packs the few hidden rows, not the 28M-element weight.
+- the LM head, whose weight is usually tied to the input embeddings (which need it dense), keeps that dense
+  weight. With the kernels it is read by ``RowMajorLinear`` (engine/csrc/row_major_linear.cpp), without them
+  computed as ``weight @ hidden.T`` (``WeightFirstLinear``): MKL then packs the few hidden rows, not the
+  28M-element weight.
 
 ``benchmarks/decode_step.py`` measures whole decode steps against torch's default and against each other;
 ``benchmarks/engine_throughput.py`` does so on its large-batch workload (``unpacked``).
@@ -100,10 +102,31 @@ class WeightFirstLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def pack_for_cpu(model: nn.Module, panels: bool = False) -> int:
-    """Swap the decoder's ``nn.Linear`` modules for packed ones and the LM head for ``WeightFirstLinear``.
+class RowMajorLinear(nn.Module):
+    """``nn.Linear`` through the ``loraplex::row_major_linear`` CPU kernel; shares the original weight, so a tie
+    to the embeddings holds. Each row's result is independent of the other rows in the call."""
 
-    ``panels``: the CPU kernels are loaded, so the projections become ``PanelLinear``; else ``PackedLinear``.
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).contiguous()
+        out = torch.ops.loraplex.row_major_linear(rows, self.weight)
+        if self.bias is not None:
+            out += self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def pack_for_cpu(model: nn.Module, panels: bool = False) -> int:
+    """Swap the decoder's ``nn.Linear`` modules for packed ones and the LM head for one that reads its weight
+    dense.
+
+    ``panels``: the CPU kernels are loaded, so the projections become ``PanelLinear`` and the LM head
+    ``RowMajorLinear``; else ``PackedLinear`` and ``WeightFirstLinear``.
     Runs after the multi-LoRA layers are attached (their base layers are swapped too) and before any forward
     pass. Returns how many projections were packed.
     """
@@ -115,7 +138,7 @@ def pack_for_cpu(model: nn.Module, panels: bool = False) -> int:
         setattr(decoder.get_submodule(parent_name), child, packed_linear(module))
     lm_head = model.get_output_embeddings()
     if type(lm_head) is nn.Linear:
-        model.set_output_embeddings(WeightFirstLinear(lm_head))
+        model.set_output_embeddings((RowMajorLinear if panels else WeightFirstLinear)(lm_head))
     # transformers maps the safetensors file privately and the weights are views into it: the mapping, with
     # every page the packing read, stays resident while any tensor still points into it. Moving the tensors
     # that stay dense (embeddings, norms) into their own memory lets it go, so packing does not add a copy.

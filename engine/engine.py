@@ -18,6 +18,7 @@ from engine.attention import register_paged_attention
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.cpu_linear import pack_for_cpu, uses_packed_weights
+from engine.cpu_norm import swap_rms_norms
 from engine.detokenizer import Detokenizer
 from engine.errors import AdapterError, QueueFullError, RequestError, UnknownEndpointError
 from engine.kv_cache import KVCache
@@ -90,6 +91,8 @@ class LLMEngine:
         if uses_packed_weights(config.model):
             # after LoRA attaches (its base layers get packed too), before any forward
             pack_for_cpu(self.model, panels=kernels)
+        if kernels:
+            swap_rms_norms(self.model)
         self.endpoint_adapters: dict[str, str | None] = {}  # endpoint -> adapter name (None = base)
         # Prefix-cache salt per adapter: a version number too, so an adapter loaded again under the same name
         # never reuses K/V its predecessor computed.

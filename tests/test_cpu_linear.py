@@ -17,6 +17,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.cpu_linear import (
     PackedLinear,
     PanelLinear,
+    RowMajorLinear,
     WeightFirstLinear,
     pack_for_cpu,
     packing_available,
@@ -101,6 +102,43 @@ def test_packed_linear_row_does_not_depend_on_its_batch_companions() -> None:
         assert torch.equal(packed(x[:rows]), together[:rows])
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(
+    ("rows", "in_features", "out_features"),
+    # 1-3 rows: every tile width; 7 and 64: tiles plus a remainder; 300 and 13 features: a tail beyond a
+    # multiple of 8; 1001 and 6 outputs: weight rows beyond a multiple of 4
+    [(1, 576, 4096), (2, 64, 1001), (3, 300, 512), (7, 13, 6), (64, 576, 1000)],
+)
+def test_row_major_linear_equals_linear_and_keeps_the_weight(
+    kernels, rows: int, in_features: int, out_features: int, bias: bool
+) -> None:
+    torch.manual_seed(rows + out_features)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    head = RowMajorLinear(linear)
+    x = torch.randn(1, rows, in_features)
+    assert head.weight is linear.weight
+    out = head(x)
+    assert out.shape == (1, rows, out_features) and out.is_contiguous()
+    torch.testing.assert_close(out, linear(x), rtol=1e-5, atol=1e-4)
+
+
+def test_row_major_linear_row_does_not_depend_on_its_batch_companions(kernels) -> None:
+    torch.manual_seed(0)
+    head = RowMajorLinear(nn.Linear(300, 1001, bias=False))
+    x = torch.randn(64, 300)
+    together = head(x)
+    for rows in (1, 2, 3, 4, 5, 48):
+        assert torch.equal(head(x[:rows]), together[:rows])
+    assert torch.equal(head(x[62:63]), together[62:63])
+
+
+def test_row_major_linear_refuses_mismatched_inputs(kernels) -> None:
+    with pytest.raises(RuntimeError, match="x has 32 features, the weight expects 64"):
+        torch.ops.loraplex.row_major_linear(torch.randn(3, 32), torch.randn(10, 64))
+    with pytest.raises(RuntimeError, match="contiguous 2-D float32"):
+        torch.ops.loraplex.row_major_linear(torch.randn(3, 64), torch.randn(64, 10).T)
+
+
 @pytest.mark.parametrize("rows", [1, 3, 40])
 def test_weight_first_linear_equals_linear_and_keeps_the_weight(rows: int) -> None:
     torch.manual_seed(0)
@@ -128,6 +166,7 @@ def test_pack_for_cpu_keeps_logits_parameters_and_the_embedding_tie(request, pan
     assert pack_for_cpu(model, panels=panels) == 2 * 7  # q, k, v, o, gate, up, down per layer
     assert all(type(m) is not nn.Linear for m in model.modules())
     assert any(type(m) is (PanelLinear if panels else PackedLinear) for m in model.modules())
+    assert type(model.get_output_embeddings()) is (RowMajorLinear if panels else WeightFirstLinear)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert sum(p.numel() for p in model.parameters()) == params
     with torch.inference_mode():

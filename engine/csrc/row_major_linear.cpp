@@ -1,0 +1,122 @@
+// Linear projection y = x @ W.T over a dense row-major weight (CPU, float32): the LM head.
+//
+// The LM head's weight is usually tied to the input embeddings, which need it dense, and a second, packed copy
+// would cost as much memory as a fifth of the model; MKL reads it well below the memory's bandwidth for the few
+// rows of a decode step (engine/cpu_linear.py). Its rows are long and contiguous, so each output is a dot
+// product: a tile of 4 weight rows x 3 input rows keeps 12 eight-lane partial sums in registers, reading each
+// weight row once per 3 input rows while the whole input stays in cache.
+//
+// Every output is summed in one order (lane-wise over k, then the lanes, then the tail of k beyond a multiple
+// of 8) whatever the number of rows, so a row's logits do not depend on its batch companions.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+typedef float f8 __attribute__((vector_size(32)));  // GCC vector extension: 8 lanes, AVX on x86, pairs on ARM
+
+constexpr int64_t kWeightRows = 4;  // weight rows per tile (and per parallel job unit)
+constexpr int64_t kInputRows = 3;   // input rows per tile
+
+inline f8 load8(const float* p) {
+  f8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline float lanes_sum(f8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// W weight rows (``w_rows[i]``) x X input rows, summed lane-wise over k; the last partial 8 of k goes through a
+// zero-padded vector, so every output is computed by the same sequence of vector operations.
+template <int W, int X>
+inline void tile(const float* x, const float* const* w_rows, float* y, int64_t depth, int64_t ldy, int w_valid) {
+  f8 acc[W][X];
+#pragma GCC unroll 4
+  for (int i = 0; i < W; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < X; ++j) acc[i][j] = f8{};
+  const int64_t vec_depth = depth / 8 * 8;
+  for (int64_t k = 0; k < vec_depth; k += 8) {
+    f8 wv[W];
+#pragma GCC unroll 4
+    for (int i = 0; i < W; ++i) wv[i] = load8(w_rows[i] + k);
+#pragma GCC unroll 4
+    for (int j = 0; j < X; ++j) {
+      const f8 xv = load8(x + j * depth + k);
+#pragma GCC unroll 4
+      for (int i = 0; i < W; ++i) acc[i][j] += wv[i] * xv;
+    }
+  }
+  if (vec_depth < depth) {
+    for (int i = 0; i < W; ++i) {
+      for (int j = 0; j < X; ++j) {
+        f8 wt = f8{}, xt = f8{};
+        for (int64_t k = vec_depth; k < depth; ++k) {
+          wt[k - vec_depth] = w_rows[i][k];
+          xt[k - vec_depth] = x[j * depth + k];
+        }
+        acc[i][j] += wt * xt;
+      }
+    }
+  }
+  for (int i = 0; i < w_valid; ++i) {
+    for (int j = 0; j < X; ++j) y[j * ldy + i] = lanes_sum(acc[i][j]);
+  }
+}
+
+// Weight rows n0 .. n0 + 3 (the last group of a width that is not a multiple of 4 repeats its last row and
+// writes only the real ones) against every input row.
+void weight_group(const float* x, const float* w, float* y, int64_t n0, int64_t out_features, int64_t rows,
+                  int64_t depth) {
+  const float* w_rows[kWeightRows];
+  for (int64_t i = 0; i < kWeightRows; ++i) w_rows[i] = w + std::min(n0 + i, out_features - 1) * depth;
+  const int w_valid = static_cast<int>(std::min<int64_t>(kWeightRows, out_features - n0));
+  float* yn = y + n0;
+  int64_t r = 0;
+  for (; r + kInputRows <= rows; r += kInputRows) {
+    tile<kWeightRows, kInputRows>(x + r * depth, w_rows, yn + r * out_features, depth, out_features, w_valid);
+  }
+  if (rows - r == 2) tile<kWeightRows, 2>(x + r * depth, w_rows, yn + r * out_features, depth, out_features, w_valid);
+  if (rows - r == 1) tile<kWeightRows, 1>(x + r * depth, w_rows, yn + r * out_features, depth, out_features, w_valid);
+}
+
+at::Tensor row_major_linear(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu() && x.dim() == 2,
+              "row_major_linear: x must be a contiguous 2-D float32 CPU tensor [rows, in_features]");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.device().is_cpu() &&
+                  weight.dim() == 2,
+              "row_major_linear: the weight must be a contiguous 2-D float32 CPU tensor [out_features, in_features]");
+  const int64_t rows = x.size(0), depth = x.size(1), out_features = weight.size(0);
+  TORCH_CHECK(weight.size(1) == depth, "row_major_linear: x has ", depth, " features, the weight expects ",
+              weight.size(1));
+  at::Tensor y = at::empty({rows, out_features}, x.options());
+  if (rows == 0) return y;
+  const float* xs = x.data_ptr<float>();
+  const float* ws = weight.data_ptr<float>();
+  float* ys = y.data_ptr<float>();
+  const int64_t groups = (out_features + kWeightRows - 1) / kWeightRows;
+  at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) weight_group(xs, ws, ys, g * kWeightRows, out_features, rows, depth);
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(loraplex, m) {
+  m.def("row_major_linear(Tensor x, Tensor weight) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(loraplex, CPU, m) {
+  m.impl("row_major_linear", row_major_linear);
+}
