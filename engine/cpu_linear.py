@@ -21,6 +21,8 @@ weights by a few rows at every decode step, so two changes are made once, at loa
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -58,6 +60,16 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=onednn"
 
 
+def _rows_through_kernel(
+    linear: nn.Module, x: torch.Tensor, matmul: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """The kernels take contiguous 2-D rows: flatten ``x``, multiply, add the bias, restore the leading dims."""
+    out = matmul(x.reshape(-1, linear.in_features).contiguous())
+    if linear.bias is not None:
+        out += linear.bias
+    return out.reshape(*x.shape[:-1], linear.out_features)
+
+
 class PanelLinear(nn.Module):
     """``nn.Linear`` with its weight in the 16-column panels of the ``loraplex::panel_linear`` CPU kernel.
 
@@ -74,11 +86,9 @@ class PanelLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).contiguous()
-        out = torch.ops.loraplex.panel_linear(rows, self.weight, self.out_features)
-        if self.bias is not None:
-            out += self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return _rows_through_kernel(
+            self, x, lambda rows: torch.ops.loraplex.panel_linear(rows, self.weight, self.out_features)
+        )
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=panels"
@@ -114,11 +124,7 @@ class RowMajorLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).contiguous()
-        out = torch.ops.loraplex.row_major_linear(rows, self.weight)
-        if self.bias is not None:
-            out += self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return _rows_through_kernel(self, x, lambda rows: torch.ops.loraplex.row_major_linear(rows, self.weight))
 
 
 def pack_for_cpu(model: nn.Module, panels: bool = False) -> int:
