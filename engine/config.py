@@ -30,12 +30,14 @@ class ModelConfig:
     quantization: str = "none"  # none | nf4 | int8 (bitsandbytes)
     num_threads: int = 2  # torch intra-op threads on the CPU; 0 = leave torch's default
     cache_dir: str = ""  # where a GGUF is converted to safetensors; "" = ~/.cache/loraplex
-    # float32 on the CPU: pre-pack projection weights for oneDNN (fast small batches; engine/cpu_linear.py)
+    # float32 on the CPU: pre-pack projection weights, in the CPU kernels' panels or else for oneDNN (fast small
+    # batches; engine/cpu_linear.py)
     packed_weights: bool = True
     # CUDA: run decode-only steps eagerly instead of replaying captured CUDA graphs (engine/cuda_graphs.py)
     enforce_eager: bool = False
-    # float32 on the CPU: decode attention and decode rows' LoRA deltas through kernels compiled on first use
-    # (engine/cpu_kernels.py); false, or a machine that cannot build them, uses the portable torch ops
+    # float32 on the CPU: projections, LM head, RMSNorm, decode attention and decode rows' LoRA deltas through
+    # kernels compiled on first use (engine/cpu_kernels.py); false, or a machine that cannot build them, uses
+    # the portable torch ops
     cpu_kernels: bool = True
 
     def __post_init__(self) -> None:
