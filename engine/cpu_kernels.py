@@ -104,7 +104,7 @@ def _build_and_load(cache_root: Path) -> bool:
         return False
     build_dir = cache_root / "kernels" / f"cpu_{_cpu_key()}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    log.info("loading the CPU kernels (compiled on first use, about 30 s) from %s", build_dir)
+    log.info("loading the CPU kernels (compiled on first use, about 45 s on 2 cores) from %s", build_dir)
     try:
         cpp_extension.load(
             name="loraplex_cpu_kernels",
