@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> dict:
             "torch": torch.__version__,
         },
         "source": source_revision(),
-        "variants": {variant: change for variant, change in VARIANTS.items()},
+        "variants": VARIANTS,
         "settings": {"prompt_len": PROMPT_LEN, "steps": args.steps, "rounds": args.rounds},
         "rows": rows,
         "table": table,

@@ -60,11 +60,10 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=onednn"
 
 
-def _rows_through_kernel(
-    linear: nn.Module, x: torch.Tensor, matmul: Callable[[torch.Tensor], torch.Tensor]
-) -> torch.Tensor:
-    """The kernels take contiguous 2-D rows: flatten ``x``, multiply, add the bias, restore the leading dims."""
-    out = matmul(x.reshape(-1, linear.in_features).contiguous())
+def _rows_through_kernel(linear: nn.Module, x: torch.Tensor, op: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """The kernels take contiguous 2-D rows: flatten ``x``, run ``op(rows, *args)``, add the bias, restore the
+    leading dims."""
+    out = op(x.reshape(-1, linear.in_features).contiguous(), *args)
     if linear.bias is not None:
         out += linear.bias
     return out.reshape(*x.shape[:-1], linear.out_features)
@@ -86,16 +85,14 @@ class PanelLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _rows_through_kernel(
-            self, x, lambda rows: torch.ops.loraplex.panel_linear(rows, self.weight, self.out_features)
-        )
+        return _rows_through_kernel(self, x, torch.ops.loraplex.panel_linear, self.weight, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=panels"
 
 
-class WeightFirstLinear(nn.Module):
-    """``nn.Linear`` computed as ``weight @ x.T``; shares the original weight, so a tie to the embeddings holds."""
+class _DenseHeadLinear(nn.Module):
+    """An LM head that keeps the original dense weight (shared, so a tie to the embeddings holds)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -103,6 +100,10 @@ class WeightFirstLinear(nn.Module):
         self.out_features = linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
+
+
+class WeightFirstLinear(_DenseHeadLinear):
+    """``nn.Linear`` computed as ``weight @ x.T``: MKL packs the few rows of ``x``, not the weight."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -112,19 +113,12 @@ class WeightFirstLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-class RowMajorLinear(nn.Module):
-    """``nn.Linear`` through the ``loraplex::row_major_linear`` CPU kernel; shares the original weight, so a tie
-    to the embeddings holds. Each row's result is independent of the other rows in the call."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
+class RowMajorLinear(_DenseHeadLinear):
+    """``nn.Linear`` through the ``loraplex::row_major_linear`` CPU kernel. Each row's result is independent of
+    the other rows in the call."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _rows_through_kernel(self, x, lambda rows: torch.ops.loraplex.row_major_linear(rows, self.weight))
+        return _rows_through_kernel(self, x, torch.ops.loraplex.row_major_linear, self.weight)
 
 
 def pack_for_cpu(model: nn.Module, panels: bool = False) -> int:

@@ -2,7 +2,7 @@
 
 transformers' ``LlamaRMSNorm`` is six torch ops per call and a decode step of the default model makes 61
 calls; at a few rows each op's dispatch and thread wake-up cost more than its arithmetic (about 15 ms of a
-48-sequence step, 5 ms of a one-sequence step, in a torch-profiler pass). Only that exact class is swapped:
+48-sequence step, 5 ms of a two-sequence step, in a one-off torch-profiler pass). Only that exact class is swapped:
 other architectures' norms differ (Gemma's scales by ``1 + weight``) and keep their own code.
 """
 

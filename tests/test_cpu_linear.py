@@ -38,9 +38,10 @@ def kernels(tmp_path_factory) -> None:
 @pytest.mark.parametrize(
     ("rows", "in_features", "out_features"),
     # 1-6 rows: every tile height; 7, 13, 97, 200: tiles plus a remainder, and several row blocks;
-    # 300 features: a partial 256-deep slice; 37 and 1000 outputs: a partial last panel
+    # 300 features: a partial 256-deep slice; 37 and 1000 outputs: a partial last panel; 1633 rows: 18 row
+    # blocks of 96, the last holding one row
     [(1, 576, 1536), (2, 576, 192), (3, 1536, 576), (4, 64, 48), (5, 576, 576), (6, 300, 37), (7, 576, 1536),
-     (13, 64, 1000), (97, 576, 576), (200, 300, 37)],
+     (13, 64, 1000), (97, 576, 576), (200, 300, 37), (1633, 64, 48)],
 )  # fmt: skip
 def test_panel_linear_equals_linear(kernels, rows: int, in_features: int, out_features: int, bias: bool) -> None:
     torch.manual_seed(rows * out_features)

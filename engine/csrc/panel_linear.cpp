@@ -125,15 +125,14 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t o
   const float* xs = x.data_ptr<float>();
   const float* ws = packed.data_ptr<float>();
   float* ys = y.data_ptr<float>();
-  // Row blocks of equal size (a multiple of the 6-row tile), jobs ordered panel by panel: the threads' shares
-  // of the work are even whatever the row count.
+  // Row blocks of equal size (a multiple of the 6-row tile, at most kRowBlock, so every block has rows), jobs
+  // ordered panel by panel: the threads' shares of the work are even whatever the row count.
   const int64_t row_blocks = (rows + kRowBlock - 1) / kRowBlock;
   const int64_t block_rows = ((rows + row_blocks - 1) / row_blocks + 5) / 6 * 6;
   at::parallel_for(0, row_blocks * panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t job = begin; job < end; ++job) {
       const int64_t p = job / row_blocks, block = job % row_blocks;
       const int64_t r0 = block * block_rows, nrows = std::min(block_rows, rows - r0);
-      if (nrows <= 0) continue;
       const int64_t cols = std::min(kCols, out_features - p * kCols);
       for (int64_t k0 = 0; k0 < depth; k0 += kDepth) {
         rows_over_panel(xs + r0 * depth + k0, depth, ws + (p * depth + k0) * kCols, std::min(kDepth, depth - k0),
