@@ -104,6 +104,26 @@ def test_lora_kernel_matches_reference_loop(kernel, rows: int, popularity: str) 
     assert torch.equal(out[slots == 0], base[slots == 0]), "base rows are left exactly as they were"
 
 
+def test_lora_kernel_row_does_not_depend_on_its_batch_companions(kernel) -> None:
+    """Bit-identical alone or among others, on both sides of the kernel's few-rows path (under 8 rows with an
+    adapter) and its slot-grouped path; rank 6 and widths that are not multiples of 8 or 64 take every tail."""
+    torch.manual_seed(0)
+    in_features, out_features, rank, num_slots = 60, 100, 6, 3
+    a_packed = torch.randn(num_slots * rank, in_features)
+    b_packed_t = torch.randn(num_slots * rank, out_features) * 0.1
+    x, base = torch.randn(48, in_features), torch.randn(48, out_features)
+    slots = torch.randint(0, num_slots + 1, (48,))
+    together = base.clone()
+    torch.ops.loraplex.lora_decode_delta(x, a_packed, b_packed_t, slots, rank, together)
+    lora_a = torch.cat([torch.zeros(1, rank, in_features), a_packed.view(num_slots, rank, in_features)])
+    lora_b = torch.cat([torch.zeros(1, out_features, rank), b_packed_t.view(num_slots, rank, -1).transpose(1, 2)])
+    torch.testing.assert_close(together, base + lora_reference(x, lora_a, lora_b, slots), rtol=1e-5, atol=1e-5)
+    for rows in (slice(0, 1), slice(0, 2), slice(3, 10), slice(0, 8), slice(20, 48)):
+        alone = base[rows].clone()
+        torch.ops.loraplex.lora_decode_delta(x[rows], a_packed, b_packed_t, slots[rows], rank, alone)
+        assert torch.equal(alone, together[rows])
+
+
 def test_lora_kernel_refuses_bad_shapes(kernel) -> None:
     op = torch.ops.loraplex.lora_decode_delta
     x, out, slots = torch.randn(2, 8), torch.zeros(2, 4), torch.tensor([1, 0])

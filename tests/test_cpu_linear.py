@@ -37,7 +37,8 @@ def kernels(tmp_path_factory) -> None:
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize(
     ("rows", "in_features", "out_features"),
-    # 1-6 rows: every tile height; 7, 13, 97, 200: tiles plus a remainder, and several row blocks;
+    # 1-6 rows: one tile of every height; 7, 13, 97, 200: rows split into even tiles (3 + 4, 4 + 4 + 5, ...),
+    # and several row blocks;
     # 300 features: a partial 256-deep slice; 37 and 1000 outputs: a partial last panel; 1633 rows: 18 row
     # blocks of 96, the last holding one row
     [(1, 576, 1536), (2, 576, 192), (3, 1536, 576), (4, 64, 48), (5, 576, 576), (6, 300, 37), (7, 576, 1536),
@@ -65,7 +66,7 @@ def test_panel_linear_row_does_not_depend_on_its_batch_companions(kernels) -> No
     panel = PanelLinear(nn.Linear(576, 1536, bias=False))
     x = torch.randn(200, 576)
     together = panel(x)
-    for rows in (1, 2, 5, 6, 7, 48, 97):
+    for rows in (1, 2, 5, 6, 7, 8, 13, 48, 97):  # one tile, even splits (4 + 4, 4 + 4 + 5), full tiles, blocks
         assert torch.equal(panel(x[:rows]), together[:rows])
     assert torch.equal(panel(x[150:151]), together[150:151])
 

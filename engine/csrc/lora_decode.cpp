@@ -5,16 +5,108 @@
 // overhead at a few rows and wasted columns at many. Here each row reads its own slot's rank rows of A and of
 // B transposed, in the packed layout the layer keeps (slot s at rows (s - 1) * rank ...): the shrink is rank
 // dot products along the input, the expand rank vector updates along the output.
+//
+// From 8 rows with an adapter, the rows are taken slot by slot and the expand runs over 64-column chunks of the
+// output: each chunk of a slot's B (rank x 64, a few KB) is read once for all of that slot's rows while their 64
+// outputs stay in registers. Going row by row read the slot's whole B (rank x out, up to ~100 KB) from L2 for
+// every row; over the default model's 210 projections with 3 adapters that took 1.35-1.8x as long at 16-48 rows
+// (one-off interleaved timing). Under 8 rows each row's shrink and expand run on one thread, in one parallel
+// region. Either way each output element is y + s_0 b_0 + s_1 b_1 + ... in rank order and each shrink sums in
+// one fixed order, so a row's result does not depend on its batch companions.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
+
+typedef float f8 __attribute__((vector_size(32)));  // GCC vector extension: 8 lanes, AVX on x86, pairs on ARM
+
+constexpr int64_t kChunk = 64;  // output columns per expand job: 8 eight-lane accumulators
+
+inline f8 load8(const float* p) {
+  f8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store8(float* p, f8 v) { std::memcpy(p, &v, sizeof v); }
+
+inline float lanes_sum(f8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// shrunk[j] = x . a_j for J rows a_j = a + j * in: one chain of eight-lane products over k per row of A, then its
+// lanes; the tail of k past a multiple of 8 goes through zero-padded vectors. J rows run side by side only so
+// that their chains overlap; each output is computed the same way whatever J is.
+template <int J>
+inline void dot_rows(const float* x, const float* a, int64_t in, float* shrunk) {
+  f8 acc[J];
+#pragma GCC unroll 4
+  for (int j = 0; j < J; ++j) acc[j] = f8{};
+  const int64_t vec_in = in / 8 * 8;
+  for (int64_t k = 0; k < vec_in; k += 8) {
+    const f8 xv = load8(x + k);
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) acc[j] += xv * load8(a + j * in + k);
+  }
+  if (vec_in < in) {
+    alignas(32) float xt[8] = {};
+    std::memcpy(xt, x + vec_in, (in - vec_in) * sizeof(float));
+    for (int j = 0; j < J; ++j) {
+      alignas(32) float at[8] = {};
+      std::memcpy(at, a + j * in + vec_in, (in - vec_in) * sizeof(float));
+      acc[j] += load8(xt) * load8(at);
+    }
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < J; ++j) shrunk[j] = lanes_sum(acc[j]);
+}
+
+// The shrink of one row: its rank dot products with its slot's rows of A.
+inline void shrink_row(const float* x, const float* a_slot, int64_t in, int64_t rank, float* shrunk) {
+  int64_t j = 0;
+  for (; j + 4 <= rank; j += 4) dot_rows<4>(x, a_slot + j * in, in, shrunk + j);
+  for (; j < rank; ++j) dot_rows<1>(x, a_slot + j * in, in, shrunk + j);
+}
+
+// y[0 .. cols) += sum_j shrunk[j] * b[j * ldb + 0 .. cols), j in rank order. Columns past the last multiple of 8
+// go through zero-padded vectors, so every element takes the same sequence of operations.
+inline void expand_chunk(float* y, const float* shrunk, const float* b, int64_t ldb, int64_t rank, int64_t cols) {
+  if (cols == kChunk) {
+    f8 acc[kChunk / 8];
+#pragma GCC unroll 8
+    for (int v = 0; v < kChunk / 8; ++v) acc[v] = load8(y + 8 * v);
+    for (int64_t j = 0; j < rank; ++j) {
+      const float s = shrunk[j];
+      const float* bj = b + j * ldb;
+#pragma GCC unroll 8
+      for (int v = 0; v < kChunk / 8; ++v) acc[v] += s * load8(bj + 8 * v);
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < kChunk / 8; ++v) store8(y + 8 * v, acc[v]);
+    return;
+  }
+  for (int64_t c0 = 0; c0 < cols; c0 += 8) {  // the last chunk of a width that is not a multiple of 64
+    const int64_t n = std::min<int64_t>(8, cols - c0);
+    alignas(32) float lanes[8] = {};
+    std::memcpy(lanes, y + c0, n * sizeof(float));
+    f8 acc = load8(lanes);
+    for (int64_t j = 0; j < rank; ++j) {
+      alignas(32) float bl[8] = {};
+      std::memcpy(bl, b + j * ldb + c0, n * sizeof(float));
+      acc += shrunk[j] * load8(bl);
+    }
+    store8(lanes, acc);
+    std::memcpy(y + c0, lanes, n * sizeof(float));
+  }
+}
 
 void lora_decode_delta(
     const at::Tensor& x,           // [T, in]
@@ -42,25 +134,53 @@ void lora_decode_delta(
   const int64_t* slot_of = slots.data_ptr<int64_t>();
   float* ys = out.data_ptr<float>();
 
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> shrunk(rank);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t slot = slot_of[t];
-      TORCH_CHECK(slot >= 0, "negative adapter slot");
-      if (slot == 0 || slot > num_slots) continue;  // the base, or an adapter that does not target this layer
-      const float* xt = xs + t * in;
-      const int64_t first = (slot - 1) * rank;
-      for (int64_t j = 0; j < rank; ++j) {
-        const float* a = a_all + (first + j) * in;
-        float s = 0.f;
-        for (int64_t i = 0; i < in; ++i) s += xt[i] * a[i];
-        shrunk[j] = s;
+  // The rows with an adapter of this layer, slot by slot (a stable counting sort).
+  std::vector<int64_t> starts(num_slots + 2, 0);
+  for (int64_t t = 0; t < rows; ++t) {
+    TORCH_CHECK(slot_of[t] >= 0, "negative adapter slot");
+    if (slot_of[t] >= 1 && slot_of[t] <= num_slots) ++starts[slot_of[t] + 1];
+  }
+  for (int64_t s = 1; s <= num_slots + 1; ++s) starts[s] += starts[s - 1];
+  const int64_t active = starts[num_slots + 1];
+  if (active == 0) return;  // the base, or adapters that do not target this layer
+  std::vector<int64_t> order(active);
+  std::vector<int64_t> fill(starts.begin(), starts.end() - 1);
+  for (int64_t t = 0; t < rows; ++t) {
+    if (slot_of[t] >= 1 && slot_of[t] <= num_slots) order[fill[slot_of[t]]++] = t;
+  }
+
+  std::vector<float> shrunk(active * rank);
+  if (active < 8) {
+    // A few rows, mostly of different slots: one parallel region, each row's shrink and expand on one thread.
+    at::parallel_for(0, active, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t t = order[i], first = (slot_of[t] - 1) * rank;
+        float* sh = shrunk.data() + i * rank;
+        shrink_row(xs + t * in, a_all + first * in, in, rank, sh);
+        for (int64_t c0 = 0; c0 < out_features; c0 += kChunk) {
+          expand_chunk(ys + t * out_features + c0, sh, b_all + first * out_features + c0, out_features, rank,
+                       std::min(kChunk, out_features - c0));
+        }
       }
-      float* yt = ys + t * out_features;
-      for (int64_t j = 0; j < rank; ++j) {
-        const float* b = b_all + (first + j) * out_features;
-        const float s = shrunk[j];
-        for (int64_t o = 0; o < out_features; ++o) yt[o] += s * b[o];
+    });
+    return;
+  }
+  at::parallel_for(0, active, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = order[i];
+      shrink_row(xs + t * in, a_all + (slot_of[t] - 1) * rank * in, in, rank, shrunk.data() + i * rank);
+    }
+  });
+  // Each expand job is one 64-column chunk of the output, over every slot's rows.
+  const int64_t chunks = (out_features + kChunk - 1) / kChunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t c0 = c * kChunk, cols = std::min(kChunk, out_features - c0);
+      for (int64_t s = 1; s <= num_slots; ++s) {
+        const float* b_slot = b_all + (s - 1) * rank * out_features + c0;
+        for (int64_t i = starts[s]; i < starts[s + 1]; ++i) {
+          expand_chunk(ys + order[i] * out_features + c0, shrunk.data() + i * rank, b_slot, out_features, rank, cols);
+        }
       }
     }
   });

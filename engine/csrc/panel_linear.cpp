@@ -38,14 +38,16 @@ inline f8 load8(const float* p) {
 
 inline void store8(float* p, f8 v) { std::memcpy(p, &v, sizeof v); }
 
-// rows x 16 tile over k in [0, depth): y (+)= x[rows, :depth] @ panel[:depth, 16]
-template <int Rows>
+// rows x 16 tile over k in [0, depth): y (+)= x[rows, :depth] @ panel[:depth, 16]. With Prefetch, each k also
+// asks for the panel's cache line one slice further on (one k of a panel is 16 floats, one 64-byte line).
+template <int Rows, bool Prefetch>
 inline void tile(const float* x, int64_t ldx, const float* panel, int64_t depth, float* y, int64_t ldy,
                  int64_t cols, bool accumulate) {
   f8 lo[Rows], hi[Rows];
 #pragma GCC unroll 8
   for (int i = 0; i < Rows; ++i) lo[i] = hi[i] = f8{};
   for (int64_t k = 0; k < depth; ++k) {
+    if (Prefetch) __builtin_prefetch(panel + (k + kDepth) * kCols, 0, 1);
     const f8 w_lo = load8(panel + k * kCols), w_hi = load8(panel + k * kCols + 8);
 #pragma GCC unroll 8
     for (int i = 0; i < Rows; ++i) {
@@ -74,19 +76,41 @@ inline void tile(const float* x, int64_t ldx, const float* panel, int64_t depth,
   }
 }
 
+template <bool Prefetch>
+inline void any_tile(int64_t rows, const float* x, int64_t ldx, const float* panel, int64_t depth, float* y,
+                     int64_t ldy, int64_t cols, bool accumulate) {
+  switch (rows) {
+    case 6: tile<6, Prefetch>(x, ldx, panel, depth, y, ldy, cols, accumulate); break;
+    case 5: tile<5, Prefetch>(x, ldx, panel, depth, y, ldy, cols, accumulate); break;
+    case 4: tile<4, Prefetch>(x, ldx, panel, depth, y, ldy, cols, accumulate); break;
+    case 3: tile<3, Prefetch>(x, ldx, panel, depth, y, ldy, cols, accumulate); break;
+    case 2: tile<2, Prefetch>(x, ldx, panel, depth, y, ldy, cols, accumulate); break;
+    case 1: tile<1, Prefetch>(x, ldx, panel, depth, y, ldy, cols, accumulate); break;
+    default: break;
+  }
+}
+
+// The rows are split into the fewest tiles of at most 6, of sizes that differ by at most one (8 rows: 4 + 4, not
+// 6 + 2). A tile's k loop carries one chain of fused multiply-adds per accumulator, so a tile with few rows
+// waits on the FMA latency; even tiles keep every tile busy. Every tile sums in the same order, so the split
+// does not change any row's result.
+//
+// The first tile over a slice also prefetches the weights one slice ahead: a thread's jobs read its panels in
+// memory order, so that is the data it needs next. Without it the memory sat idle while the other tiles reused
+// the slice from L1. Over the default model's 210 projections (one-off interleaved timing) the two changes
+// took 0.84-0.95x the time at 4-20 rows, and the same at 1-2 and 32-48 rows.
 void rows_over_panel(const float* x, int64_t ldx, const float* panel, int64_t depth, float* y, int64_t ldy,
                      int64_t cols, int64_t rows, bool accumulate) {
+  const int64_t tiles = (rows + 5) / 6;
   int64_t r = 0;
-  for (; r + 6 <= rows; r += 6) tile<6>(x + r * ldx, ldx, panel, depth, y + r * ldy, ldy, cols, accumulate);
-  const float* xr = x + r * ldx;
-  float* yr = y + r * ldy;
-  switch (rows - r) {
-    case 5: tile<5>(xr, ldx, panel, depth, yr, ldy, cols, accumulate); break;
-    case 4: tile<4>(xr, ldx, panel, depth, yr, ldy, cols, accumulate); break;
-    case 3: tile<3>(xr, ldx, panel, depth, yr, ldy, cols, accumulate); break;
-    case 2: tile<2>(xr, ldx, panel, depth, yr, ldy, cols, accumulate); break;
-    case 1: tile<1>(xr, ldx, panel, depth, yr, ldy, cols, accumulate); break;
-    default: break;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t n = (rows - r) / (tiles - t);
+    if (t == 0) {
+      any_tile<true>(n, x + r * ldx, ldx, panel, depth, y + r * ldy, ldy, cols, accumulate);
+    } else {
+      any_tile<false>(n, x + r * ldx, ldx, panel, depth, y + r * ldy, ldy, cols, accumulate);
+    }
+    r += n;
   }
 }
 

@@ -37,9 +37,11 @@ inline float lanes_sum(f8 v) {
 }
 
 // W weight rows (``w_rows[i]``) x X input rows, summed lane-wise over k; the last partial 8 of k goes through a
-// zero-padded vector, so every output is computed by the same sequence of vector operations.
+// zero-padded vector, so every output is computed by the same sequence of vector operations. ``prefetch``, when
+// set, is the start of the next weight group (W rows of ``depth``), asked for a line at a time as k advances.
 template <int W, int X>
-inline void tile(const float* x, const float* const* w_rows, float* y, int64_t depth, int64_t ldy, int w_valid) {
+inline void tile(const float* x, const float* const* w_rows, float* y, int64_t depth, int64_t ldy, int w_valid,
+                 const float* prefetch) {
   f8 acc[W][X];
 #pragma GCC unroll 4
   for (int i = 0; i < W; ++i)
@@ -47,6 +49,10 @@ inline void tile(const float* x, const float* const* w_rows, float* y, int64_t d
     for (int j = 0; j < X; ++j) acc[i][j] = f8{};
   const int64_t vec_depth = depth / 8 * 8;
   for (int64_t k = 0; k < vec_depth; k += 8) {
+    if (prefetch != nullptr && k % 16 == 0) {
+#pragma GCC unroll 4
+      for (int i = 0; i < W; ++i) __builtin_prefetch(prefetch + i * depth + k, 0, 1);
+    }
     f8 wv[W];
 #pragma GCC unroll 4
     for (int i = 0; i < W; ++i) wv[i] = load8(w_rows[i] + k);
@@ -75,19 +81,29 @@ inline void tile(const float* x, const float* const* w_rows, float* y, int64_t d
 }
 
 // Weight rows n0 .. n0 + 3 (the last group of a width that is not a multiple of 4 repeats its last row and
-// writes only the real ones) against every input row.
+// writes only the real ones) against every input row. The first input tile also prefetches the next group's
+// weight rows (the next 4 rows in memory, what this thread reads next): with many input rows the weights are
+// read from cache most of the time, and without the prefetch the memory sat idle then (one-off interleaved
+// timing on the default LM head: 0.87-0.91x the time at 1-8 rows, 0.95-0.98x at 16-48).
 void weight_group(const float* x, const float* w, float* y, int64_t n0, int64_t out_features, int64_t rows,
                   int64_t depth) {
   const float* w_rows[kWeightRows];
   for (int64_t i = 0; i < kWeightRows; ++i) w_rows[i] = w + std::min(n0 + i, out_features - 1) * depth;
   const int w_valid = static_cast<int>(std::min<int64_t>(kWeightRows, out_features - n0));
+  const float* next = n0 + 2 * kWeightRows <= out_features ? w + (n0 + kWeightRows) * depth : nullptr;
   float* yn = y + n0;
   int64_t r = 0;
   for (; r + kInputRows <= rows; r += kInputRows) {
-    tile<kWeightRows, kInputRows>(x + r * depth, w_rows, yn + r * out_features, depth, out_features, w_valid);
+    tile<kWeightRows, kInputRows>(x + r * depth, w_rows, yn + r * out_features, depth, out_features, w_valid,
+                                  r == 0 ? next : nullptr);
   }
-  if (rows - r == 2) tile<kWeightRows, 2>(x + r * depth, w_rows, yn + r * out_features, depth, out_features, w_valid);
-  if (rows - r == 1) tile<kWeightRows, 1>(x + r * depth, w_rows, yn + r * out_features, depth, out_features, w_valid);
+  const float* tail_prefetch = r == 0 ? next : nullptr;
+  if (rows - r == 2) {
+    tile<kWeightRows, 2>(x + r * depth, w_rows, yn + r * out_features, depth, out_features, w_valid, tail_prefetch);
+  }
+  if (rows - r == 1) {
+    tile<kWeightRows, 1>(x + r * depth, w_rows, yn + r * out_features, depth, out_features, w_valid, tail_prefetch);
+  }
 }
 
 at::Tensor row_major_linear(const at::Tensor& x, const at::Tensor& weight) {
