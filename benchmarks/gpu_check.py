@@ -468,7 +468,7 @@ def stage_lora_op(plan: Plan, device: torch.device, dtype: torch.dtype, budget: 
         lora_a[0].zero_()
         lora_b[0].zero_()
         a_packed = lora_a[1:].reshape(-1, fan_in).contiguous()
-        b_packed = lora_b[1:].permute(1, 0, 2).reshape(fan_out, -1).contiguous()
+        b_packed_t = lora_b[1:].transpose(1, 2).reshape(-1, fan_out).contiguous()
         for tokens in plan.lora_tokens:
             x = torch.randn(tokens, fan_in, generator=gen, device=device, dtype=dtype)
             for pop_name, pop in popularity.items():
@@ -477,7 +477,7 @@ def stage_lora_op(plan: Plan, device: torch.device, dtype: torch.dtype, budget: 
                 mask = column_mask(indices, num_slots, rank, dtype)
                 ref = reference_fp32(x, lora_a, lora_b, indices)
                 impls = {
-                    "masked_dense": partial(lora_masked_dense, x, a_packed, b_packed, mask),
+                    "masked_dense": partial(lora_masked_dense, x, a_packed, b_packed_t, mask),
                     "grouped": partial(lora_grouped, x, lora_a, lora_b, indices, present),
                     "gathered": partial(lora_gathered, x, lora_a, lora_b, indices),
                 }

@@ -44,8 +44,8 @@ def test_masked_dense_and_grouped_equal_the_reference_loop(rank: int, num_tokens
     indices = popularity(kind, num_tokens, gen)
     want = lora_reference(x, a, b, indices)
     a_packed = a[1:].reshape(-1, fan_in)
-    b_packed = b[1:].permute(1, 0, 2).reshape(fan_out, -1)
-    got = lora_masked_dense(x, a_packed, b_packed, column_mask(indices, NUM_SLOTS, rank, x.dtype))
+    b_packed_t = b[1:].transpose(1, 2).reshape(-1, fan_out)  # [L*r, out]
+    got = lora_masked_dense(x, a_packed, b_packed_t, column_mask(indices, NUM_SLOTS, rank, x.dtype))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     slots = sorted(set(indices.tolist()) - {0})
     torch.testing.assert_close(lora_grouped(x, a, b, indices, slots), want, rtol=1e-5, atol=1e-4)

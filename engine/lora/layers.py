@@ -75,8 +75,10 @@ class LoRABatch:
 class MultiLoRALinear(nn.Module):
     """``base_layer(x)`` plus, for every token, the delta of that token's adapter slot.
 
-    Only the packed matrices the served op multiplies by are kept on the device: slots 1..L side by side,
-    each padded to the largest resident rank r. Slot 0 (the base) has no columns and adds exactly nothing.
+    The adapters are held once, in the two packed matrices every op reads: slots 1..L side by side, each padded
+    to the largest resident rank r, A as [L*r, in] and B transposed, scaling folded in, as [L*r, out] (the
+    layout the CPU kernel reads, and a plain right operand for the masked-dense op's matmul). A prefill segment
+    reads its slot's rows of both as views. Slot 0 (the base) has no columns and adds exactly nothing.
     """
 
     def __init__(
@@ -91,16 +93,16 @@ class MultiLoRALinear(nn.Module):
         self.dtype = dtype
         self.batch = batch
         self.device = next(base_layer.parameters()).device
-        self.slot_weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (a [r, in], b*s [out, r])
+        self.slot_ranks: dict[int, int] = {}  # resident slot -> its adapter's rank in this layer
         self.a_packed = torch.empty(0, self.in_features, dtype=dtype, device=self.device)  # [L*r, in]
-        self.b_packed = torch.empty(self.out_features, 0, dtype=dtype, device=self.device)  # [out, L*r]
-        self.b_packed_t: torch.Tensor | None = None  # [L*r, out], made on first use by the CPU kernel
+        self.b_packed_t = torch.empty(0, self.out_features, dtype=dtype, device=self.device)  # [L*r, out]
         self.packed_slots = 0  # L: highest resident slot
         self.packed_rank = 0  # r: highest resident rank
 
-    @property
-    def slot_ranks(self) -> dict[int, int]:
-        return {slot: a.shape[0] for slot, (a, _) in self.slot_weights.items()}
+    def slot_rows(self, slot: int) -> slice:
+        """The rows of ``a_packed`` and ``b_packed_t`` that hold ``slot``'s adapter."""
+        first = (slot - 1) * self.packed_rank
+        return slice(first, first + self.slot_ranks[slot])
 
     def set_lora(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
         """Write one adapter (``lora_a`` [r, in], ``lora_b`` [out, r]) into ``slot``; scaling folds into b.
@@ -109,56 +111,51 @@ class MultiLoRALinear(nn.Module):
         common swap: same or smaller rank into an existing slot); rebuilt only when they must grow.
         """
         assert 1 <= slot <= self.max_loras, f"slot {slot} outside 1..{self.max_loras} (0 is the base)"
-        assert lora_a.shape[0] <= self.max_lora_rank, "ranks are checked against max_lora_rank at load time"
-        b_scaled = (lora_b.float() * scaling).to(self.dtype)  # one rounding
-        self.slot_weights[slot] = (lora_a.to(self.device, self.dtype), b_scaled.to(self.device))
-        if slot <= self.packed_slots and lora_a.shape[0] <= self.packed_rank:
-            self._write_packed(slot)
-        else:
-            self._repack()
-
-    def _write_packed(self, slot: int) -> None:
-        lora_a, b_scaled = self.slot_weights[slot]
         rank = lora_a.shape[0]
-        a = self.a_packed.view(self.packed_slots, self.packed_rank, self.in_features)[slot - 1]
-        b = self.b_packed.view(self.out_features, self.packed_slots, self.packed_rank)[:, slot - 1]
+        assert rank <= self.max_lora_rank, "ranks are checked against max_lora_rank at load time"
+        b_scaled_t = (lora_b.float() * scaling).to(self.dtype).t()  # one rounding; [r, out]
+        if slot > self.packed_slots or rank > self.packed_rank:
+            self._repack(self.slot_ranks | {slot: rank})
+        self.slot_ranks[slot] = rank
+        first = (slot - 1) * self.packed_rank
+        a = self.a_packed[first : first + self.packed_rank]
+        b = self.b_packed_t[first : first + self.packed_rank]
         a.zero_()
         b.zero_()
         a[:rank] = lora_a
-        b[:, :rank] = b_scaled
-        self.b_packed_t = None
+        b[:rank] = b_scaled_t
 
     def reset_lora(self, slot: int) -> None:
-        self.slot_weights.pop(slot, None)
-        self._repack()
+        ranks = dict(self.slot_ranks)
+        ranks.pop(slot, None)
+        self._repack(ranks)
+        self.slot_ranks = ranks
 
-    def _repack(self) -> None:
-        """Rebuild the [L*r] matrices, trimmed to what is resident, when an adapter comes or goes."""
-        ranks = self.slot_ranks
-        self.packed_slots = max(ranks, default=0)
-        self.packed_rank = rank = max(ranks.values(), default=0)
-        a = torch.zeros(self.packed_slots, rank, self.in_features, dtype=self.dtype, device=self.device)
-        b = torch.zeros(self.out_features, self.packed_slots, rank, dtype=self.dtype, device=self.device)
-        for slot, (lora_a, b_scaled) in self.slot_weights.items():
-            a[slot - 1, : lora_a.shape[0]] = lora_a
-            b[:, slot - 1, : b_scaled.shape[1]] = b_scaled
-        self.a_packed = a.view(-1, self.in_features)
-        self.b_packed = b.view(self.out_features, -1)
-        self.b_packed_t = None
+    def _repack(self, ranks: dict[int, int]) -> None:
+        """Rebuild the packed matrices for the slots and ranks in ``ranks`` (trimmed to them), carrying over
+        every slot still resident; an adapter comes or goes, or a larger one needs room."""
+        num_slots, rank = max(ranks, default=0), max(ranks.values(), default=0)
+        a = torch.zeros(num_slots * rank, self.in_features, dtype=self.dtype, device=self.device)
+        b = torch.zeros(num_slots * rank, self.out_features, dtype=self.dtype, device=self.device)
+        for slot in ranks.keys() & self.slot_ranks.keys():
+            old, first = self.slot_rows(slot), (slot - 1) * rank
+            keep = slice(first, first + min(self.slot_ranks[slot], rank))
+            a[keep] = self.a_packed[old][: keep.stop - keep.start]
+            b[keep] = self.b_packed_t[old][: keep.stop - keep.start]
+        self.a_packed, self.b_packed_t = a, b
+        self.packed_slots, self.packed_rank = num_slots, rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         mapping = self.batch.mapping
-        if mapping is None or not mapping.slots_in_batch.intersection(self.slot_weights):
+        if mapping is None or not mapping.slots_in_batch.intersection(self.slot_ranks):
             return y
         flat = x.reshape(-1, self.in_features).to(self.a_packed.dtype)
         out = y.view(-1, self.out_features)  # the base layer's fresh output: the deltas are added in place
         mixed_rows = flat.shape[0] if mapping.num_mixed_rows is None else mapping.num_mixed_rows
         mixed_slots = mapping.slots_in_batch if mapping.mixed_slots is None else mapping.mixed_slots
-        if mixed_rows and mixed_slots.intersection(self.slot_weights):
+        if mixed_rows and mixed_slots.intersection(self.slot_ranks):
             if self.batch.decode_kernel and flat.dtype == out.dtype == torch.float32 and not flat.is_cuda:
-                if self.b_packed_t is None:
-                    self.b_packed_t = self.b_packed.t().contiguous()
                 torch.ops.loraplex.lora_decode_delta(
                     flat[:mixed_rows].contiguous(),
                     self.a_packed,
@@ -169,10 +166,10 @@ class MultiLoRALinear(nn.Module):
                 )
             else:
                 mask = mapping.column_mask(self.packed_slots, self.packed_rank, flat.dtype)
-                lora_masked_dense(flat[:mixed_rows], self.a_packed, self.b_packed, mask, out=out[:mixed_rows])
+                lora_masked_dense(flat[:mixed_rows], self.a_packed, self.b_packed_t, mask, out=out[:mixed_rows])
         for segment in mapping.segments:
-            if segment.slot in self.slot_weights:
-                lora_a, b_scaled = self.slot_weights[segment.slot]
+            if segment.slot in self.slot_ranks:
+                own = self.slot_rows(segment.slot)
                 rows = slice(segment.start, segment.end)
-                add_product(out[rows], flat[rows] @ lora_a.T, b_scaled)
+                add_product(out[rows], flat[rows] @ self.a_packed[own].T, self.b_packed_t[own])
         return y

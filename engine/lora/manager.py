@@ -69,7 +69,7 @@ class LoRAManager:
         for module, layer in self.layers.items():
             if module in adapter.lora_a:
                 layer.set_lora(slot, adapter.lora_a[module], adapter.lora_b[module], adapter.scaling)
-            elif slot in layer.slot_weights:
+            elif slot in layer.slot_ranks:
                 layer.reset_lora(slot)
 
     def clear_slot(self, slot: int) -> None:

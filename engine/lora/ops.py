@@ -38,24 +38,25 @@ def lora_reference(
 def lora_masked_dense(
     x: torch.Tensor,  # [T, in]
     a_packed: torch.Tensor,  # [L*r, in]: slots 1..L, each r rows
-    b_packed: torch.Tensor,  # [out, L*r]
+    b_packed_t: torch.Tensor,  # [L*r, out]: B transposed, slots in the same rows as a_packed
     column_mask: torch.Tensor,  # [T, L*r]: 1 where the column belongs to the token's slot, else 0
     out: torch.Tensor | None = None,  # [T, out]: add the delta into it instead of returning a new tensor
 ) -> torch.Tensor:  # [T, out]
     """All slots at once; the mask keeps each token's own adapter's rank columns."""
     shrunk = (x @ a_packed.T) * column_mask
     if out is None:
-        return shrunk @ b_packed.T
-    add_product(out, shrunk, b_packed)
+        return shrunk @ b_packed_t
+    add_product(out, shrunk, b_packed_t)
     return out
 
 
-def add_product(out: torch.Tensor, shrunk: torch.Tensor, b: torch.Tensor) -> None:
-    """``out += shrunk @ b.T`` in place: one fused GEMM with no temporary when the dtypes agree."""
+def add_product(out: torch.Tensor, shrunk: torch.Tensor, b_t: torch.Tensor) -> None:
+    """``out += shrunk @ b_t`` in place (``b_t`` is B transposed, [r, out]): one fused GEMM with no temporary
+    when the dtypes agree."""
     if out.dtype == shrunk.dtype:
-        out.addmm_(shrunk, b.T)
+        out.addmm_(shrunk, b_t)
     else:  # a quantized base computes in half precision, the adapters in the engine's dtype
-        out += (shrunk @ b.T).to(out.dtype)
+        out += (shrunk @ b_t).to(out.dtype)
 
 
 def lora_grouped(
