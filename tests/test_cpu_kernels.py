@@ -97,7 +97,8 @@ def test_lora_kernel_matches_reference_loop(kernel, rows: int, popularity: str) 
     out = base.clone()
     a_packed = lora_a[1:].reshape(-1, in_features)
     b_packed_t = lora_b[1:].permute(1, 0, 2).reshape(out_features, -1).t().contiguous()
-    torch.ops.loraplex.lora_decode_delta(x, a_packed, b_packed_t, slots, rank, out)
+    slot_ranks = torch.tensor([ranks[s] for s in range(1, num_slots + 1)])
+    torch.ops.loraplex.lora_decode_delta(x, a_packed, b_packed_t, slots, rank, slot_ranks, out)
     in_layer = torch.where(slots <= num_slots, slots, 0)
     want = base + lora_reference(x, lora_a, lora_b, in_layer)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
@@ -106,35 +107,45 @@ def test_lora_kernel_matches_reference_loop(kernel, rows: int, popularity: str) 
 
 def test_lora_kernel_row_does_not_depend_on_its_batch_companions(kernel) -> None:
     """Bit-identical alone or among others, on both sides of the kernel's few-rows path (under 8 rows with an
-    adapter) and its slot-grouped path; rank 6 and widths that are not multiples of 8 or 64 take every tail."""
+    adapter) and its slot-grouped path. Slots of ranks 6, 3 and 5 packed at rank 6 (each read to its own rank
+    only) and widths that are not multiples of 8 or 64 take every tail."""
     torch.manual_seed(0)
-    in_features, out_features, rank, num_slots = 60, 100, 6, 3
-    a_packed = torch.randn(num_slots * rank, in_features)
-    b_packed_t = torch.randn(num_slots * rank, out_features) * 0.1
+    in_features, out_features, rank, ranks = 60, 100, 6, [6, 3, 5]
+    num_slots = len(ranks)
+    lora_a = torch.zeros(num_slots + 1, rank, in_features)
+    lora_b = torch.zeros(num_slots + 1, out_features, rank)
+    for slot, r in enumerate(ranks, start=1):
+        lora_a[slot, :r] = torch.randn(r, in_features)
+        lora_b[slot, :, :r] = torch.randn(out_features, r) * 0.1
+    a_packed = lora_a[1:].reshape(-1, in_features)
+    b_packed_t = lora_b[1:].transpose(1, 2).reshape(-1, out_features).contiguous()
+    slot_ranks = torch.tensor(ranks)
     x, base = torch.randn(48, in_features), torch.randn(48, out_features)
     slots = torch.randint(0, num_slots + 1, (48,))
     together = base.clone()
-    torch.ops.loraplex.lora_decode_delta(x, a_packed, b_packed_t, slots, rank, together)
-    lora_a = torch.cat([torch.zeros(1, rank, in_features), a_packed.view(num_slots, rank, in_features)])
-    lora_b = torch.cat([torch.zeros(1, out_features, rank), b_packed_t.view(num_slots, rank, -1).transpose(1, 2)])
+    torch.ops.loraplex.lora_decode_delta(x, a_packed, b_packed_t, slots, rank, slot_ranks, together)
     torch.testing.assert_close(together, base + lora_reference(x, lora_a, lora_b, slots), rtol=1e-5, atol=1e-5)
     for rows in (slice(0, 1), slice(0, 2), slice(3, 10), slice(0, 8), slice(20, 48)):
         alone = base[rows].clone()
-        torch.ops.loraplex.lora_decode_delta(x[rows], a_packed, b_packed_t, slots[rows], rank, alone)
+        torch.ops.loraplex.lora_decode_delta(x[rows], a_packed, b_packed_t, slots[rows], rank, slot_ranks, alone)
         assert torch.equal(alone, together[rows])
 
 
 def test_lora_kernel_refuses_bad_shapes(kernel) -> None:
     op = torch.ops.loraplex.lora_decode_delta
-    x, out, slots = torch.randn(2, 8), torch.zeros(2, 4), torch.tensor([1, 0])
+    x, out, slots, ranks = torch.randn(2, 8), torch.zeros(2, 4), torch.tensor([1, 0]), torch.tensor([3, 3])
     a, b = torch.randn(6, 8), torch.randn(6, 4)
     with pytest.raises(RuntimeError, match="adapter shapes"):
-        op(x, a, torch.randn(6, 5), slots, 3, out)
+        op(x, a, torch.randn(6, 5), slots, 3, ranks, out)
     with pytest.raises(RuntimeError, match="whole number of ranks"):
-        op(x, a, b, slots, 4, out)
+        op(x, a, b, slots, 4, ranks, out)
     with pytest.raises(RuntimeError, match="negative adapter slot"):
-        op(x, a, b, torch.tensor([-1, 0]), 3, out)
-    op(x, a, b, slots, 3, out)
+        op(x, a, b, torch.tensor([-1, 0]), 3, ranks, out)
+    with pytest.raises(RuntimeError, match="one rank per packed slot"):
+        op(x, a, b, slots, 3, torch.tensor([3]), out)
+    with pytest.raises(RuntimeError, match="within the packed rank"):
+        op(x, a, b, slots, 3, torch.tensor([4, 3]), out)
+    op(x, a, b, slots, 3, ranks, out)
     assert out[1].abs().sum() == 0 and out[0].abs().sum() > 0
 
 

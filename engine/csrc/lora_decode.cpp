@@ -4,7 +4,9 @@
 // columns and masks the others away: three torch calls per projection, most of whose time on the CPU is call
 // overhead at a few rows and wasted columns at many. Here each row reads its own slot's rank rows of A and of
 // B transposed, in the packed layout the layer keeps (slot s at rows (s - 1) * rank ...): the shrink is rank
-// dot products along the input, the expand rank vector updates along the output.
+// dot products along the input, the expand rank vector updates along the output. Each slot is read to its own
+// rank only: slots are padded to the largest resident rank, and adapters of ranks 4-16 side by side would
+// otherwise read and multiply up to four times the rows they have (zero rows that add nothing).
 //
 // From 8 rows with an adapter, the rows are taken slot by slot and the expand runs over 64-column chunks of the
 // output: each chunk of a slot's B (rank x 64, a few KB) is read once for all of that slot's rows while their 64
@@ -113,13 +115,17 @@ void lora_decode_delta(
     const at::Tensor& a_packed,    // [L * rank, in]
     const at::Tensor& b_packed_t,  // [L * rank, out]: B transposed, scaling folded in
     const at::Tensor& slots,       // [T] int64, 0 = no adapter, else 1..L
-    int64_t rank,
+    int64_t rank,                  // rows per slot in the packed matrices
+    const at::Tensor& slot_ranks,  // [L] int64: slot s's own rank (its first rows; the rest are zero padding)
     const at::Tensor& out) {       // [T, out], the delta is added in place
   for (const at::Tensor* t : {&x, &a_packed, &b_packed_t, &out}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu() && t->dim() == 2,
                 "lora_decode_delta: float32 contiguous 2-D CPU tensors only");
   }
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.dim() == 1);
+  TORCH_CHECK(slot_ranks.scalar_type() == at::kLong && slot_ranks.is_contiguous() && slot_ranks.dim() == 1 &&
+                  slot_ranks.device().is_cpu(),
+              "lora_decode_delta: slot_ranks must be a 1-D int64 CPU tensor");
   const int64_t rows = x.size(0), in = x.size(1), out_features = out.size(1);
   const int64_t packed = a_packed.size(0);
   TORCH_CHECK(rank >= 1 && packed % rank == 0, "packed rows must be a whole number of ranks");
@@ -127,6 +133,11 @@ void lora_decode_delta(
               "adapter shapes do not match the projection");
   TORCH_CHECK(out.size(0) == rows && slots.size(0) == rows, "one slot and one output row per input row");
   const int64_t num_slots = packed / rank;
+  TORCH_CHECK(slot_ranks.size(0) == num_slots, "one rank per packed slot");
+  const int64_t* rank_of = slot_ranks.data_ptr<int64_t>();
+  for (int64_t s = 0; s < num_slots; ++s) {
+    TORCH_CHECK(rank_of[s] >= 0 && rank_of[s] <= rank, "a slot's rank must be within the packed rank");
+  }
 
   const float* xs = x.data_ptr<float>();
   const float* a_all = a_packed.data_ptr<float>();
@@ -154,11 +165,11 @@ void lora_decode_delta(
     // A few rows, mostly of different slots: one parallel region, each row's shrink and expand on one thread.
     at::parallel_for(0, active, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t t = order[i], first = (slot_of[t] - 1) * rank;
+        const int64_t t = order[i], first = (slot_of[t] - 1) * rank, own = rank_of[slot_of[t] - 1];
         float* sh = shrunk.data() + i * rank;
-        shrink_row(xs + t * in, a_all + first * in, in, rank, sh);
+        shrink_row(xs + t * in, a_all + first * in, in, own, sh);
         for (int64_t c0 = 0; c0 < out_features; c0 += kChunk) {
-          expand_chunk(ys + t * out_features + c0, sh, b_all + first * out_features + c0, out_features, rank,
+          expand_chunk(ys + t * out_features + c0, sh, b_all + first * out_features + c0, out_features, own,
                        std::min(kChunk, out_features - c0));
         }
       }
@@ -168,7 +179,8 @@ void lora_decode_delta(
   at::parallel_for(0, active, 4, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t = order[i];
-      shrink_row(xs + t * in, a_all + (slot_of[t] - 1) * rank * in, in, rank, shrunk.data() + i * rank);
+      shrink_row(xs + t * in, a_all + (slot_of[t] - 1) * rank * in, in, rank_of[slot_of[t] - 1],
+                 shrunk.data() + i * rank);
     }
   });
   // Each expand job is one 64-column chunk of the output, over every slot's rows.
@@ -179,7 +191,8 @@ void lora_decode_delta(
       for (int64_t s = 1; s <= num_slots; ++s) {
         const float* b_slot = b_all + (s - 1) * rank * out_features + c0;
         for (int64_t i = starts[s]; i < starts[s + 1]; ++i) {
-          expand_chunk(ys + order[i] * out_features + c0, shrunk.data() + i * rank, b_slot, out_features, rank, cols);
+          expand_chunk(ys + order[i] * out_features + c0, shrunk.data() + i * rank, b_slot, out_features,
+                       rank_of[s - 1], cols);
         }
       }
     }
@@ -189,7 +202,7 @@ void lora_decode_delta(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(loraplex, m) {
-  m.def("lora_decode_delta(Tensor x, Tensor a_packed, Tensor b_packed_t, Tensor slots, int rank, Tensor(a!) out) -> ()");
+  m.def("lora_decode_delta(Tensor x, Tensor a_packed, Tensor b_packed_t, Tensor slots, int rank, Tensor slot_ranks, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(loraplex, CPU, m) {

@@ -98,6 +98,7 @@ class MultiLoRALinear(nn.Module):
         self.b_packed_t = torch.empty(0, self.out_features, dtype=dtype, device=self.device)  # [L*r, out]
         self.packed_slots = 0  # L: highest resident slot
         self.packed_rank = 0  # r: highest resident rank
+        self.packed_slot_ranks = torch.zeros(0, dtype=torch.long)  # [L] each slot's own rank (0: none), host
 
     def slot_rows(self, slot: int) -> slice:
         """The rows of ``a_packed`` and ``b_packed_t`` that hold ``slot``'s adapter."""
@@ -124,12 +125,20 @@ class MultiLoRALinear(nn.Module):
         b.zero_()
         a[:rank] = lora_a
         b[:rank] = b_scaled_t
+        self._note_ranks()
 
     def reset_lora(self, slot: int) -> None:
         ranks = dict(self.slot_ranks)
         ranks.pop(slot, None)
         self._repack(ranks)
         self.slot_ranks = ranks
+        self._note_ranks()
+
+    def _note_ranks(self) -> None:
+        """The CPU kernel reads each slot to its own rank, not the padded one."""
+        self.packed_slot_ranks = torch.tensor(
+            [self.slot_ranks.get(slot, 0) for slot in range(1, self.packed_slots + 1)], dtype=torch.long
+        )
 
     def _repack(self, ranks: dict[int, int]) -> None:
         """Rebuild the packed matrices for the slots and ranks in ``ranks`` (trimmed to them), carrying over
@@ -162,6 +171,7 @@ class MultiLoRALinear(nn.Module):
                     self.b_packed_t,
                     mapping.token_lora_indices[:mixed_rows],
                     self.packed_rank,
+                    self.packed_slot_ranks,
                     out[:mixed_rows],
                 )
             else:
