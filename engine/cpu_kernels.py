@@ -10,7 +10,8 @@ Why hand-written kernels (float32 on the CPU only; CUDA and other dtypes keep th
 - ``lora_decode_delta``: the portable multi-LoRA op for decode rows is three torch calls per projection
   (shrink over every resident adapter, mask, expand), 210 per step on the default model; on the CPU their
   call overhead dominates at a few rows, and the other adapters' columns are wasted work at many. The
-  kernel runs each row through its own adapter in one call.
+  kernel runs each row through its own adapter, to that adapter's rank, in one call; from 8 rows it takes
+  them adapter by adapter, so each adapter's weights are read once per call rather than once per row.
 - ``panel_linear`` (with ``pack_linear_weight``) and ``row_major_linear``: the decoder's projections and the
   LM head (engine/cpu_linear.py). A decode step multiplies every weight by a few rows; oneDNN's packed path
   and MKL read the weights there at about half the memory's bandwidth, and the weights are most of a small
