@@ -39,7 +39,8 @@ inline f8 load8(const float* p) {
 inline void store8(float* p, f8 v) { std::memcpy(p, &v, sizeof v); }
 
 // rows x 16 tile over k in [0, depth): y (+)= x[rows, :depth] @ panel[:depth, 16]. With Prefetch, each k also
-// asks for the panel's cache line one slice further on (one k of a panel is 16 floats, one 64-byte line).
+// asks for the panel's cache line one slice further on (one k of a panel is 16 floats, one 64-byte line). Near
+// the end of the weight that address lies past it: a prefetch is a hint and never faults.
 template <int Rows, bool Prefetch>
 inline void tile(const float* x, int64_t ldx, const float* panel, int64_t depth, float* y, int64_t ldy,
                  int64_t cols, bool accumulate) {
