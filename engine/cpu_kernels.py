@@ -10,8 +10,9 @@ Why hand-written kernels (float32 on the CPU only; CUDA and other dtypes keep th
 - ``lora_decode_delta``: the portable multi-LoRA op for decode rows is three torch calls per projection
   (shrink over every resident adapter, mask, expand), 210 per step on the default model; on the CPU their
   call overhead dominates at a few rows, and the other adapters' columns are wasted work at many. The
-  kernel runs each row through its own adapter, to that adapter's rank, in one call; from 8 rows it takes
-  them adapter by adapter, so each adapter's weights are read once per call rather than once per row.
+  kernel runs each row through its own adapter, to that adapter's rank, in one call; from 8 rows with an
+  adapter it takes them adapter by adapter, so each adapter's weights are read once per call rather than once
+  per row.
 - ``panel_linear`` (with ``pack_linear_weight``) and ``row_major_linear``: the decoder's projections and the
   LM head (engine/cpu_linear.py). A decode step multiplies every weight by a few rows; oneDNN's packed path
   and MKL read the weights there at about half the memory's bandwidth, and the weights are most of a small
@@ -52,6 +53,7 @@ SOURCES = [
         "rms_norm.cpp",
     )
 ]
+HEADERS = [Path(__file__).with_name("csrc") / "vec8.h"]
 OPS = (
     "paged_decode_attention",
     "lora_decode_delta",
@@ -80,6 +82,12 @@ def _cpu_key() -> str:
     except OSError:
         pass
     return hashlib.sha256(f"{flags}|{torch.__version__}".encode()).hexdigest()[:16]
+
+
+def _headers_key() -> str:
+    """A hash of the shared headers. torch's builder rebuilds only when the sources or the flags change, so the
+    hash goes into the flags: an edited header then rebuilds every kernel instead of loading a stale build."""
+    return hashlib.sha256(b"".join(h.read_bytes() for h in HEADERS)).hexdigest()[:16]
 
 
 def load(cache_root: Path) -> bool:
@@ -112,7 +120,7 @@ def _build_and_load(cache_root: Path) -> bool:
             sources=[str(p) for p in SOURCES],
             # -ffast-math: the dot products and the softmax's exp vectorise (lane-wise partial sums; the order
             # of a float32 sum differs from torch's in the last bits, as any two kernels' orders do).
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp", f"-DLORAPLEX_HEADERS={_headers_key()}"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
             is_python_module=False,

@@ -107,8 +107,9 @@ def test_lora_kernel_matches_reference_loop(kernel, rows: int, popularity: str) 
 
 def test_lora_kernel_row_does_not_depend_on_its_batch_companions(kernel) -> None:
     """Bit-identical alone or among others, on both sides of the kernel's few-rows path (under 8 rows with an
-    adapter) and its slot-grouped path. Slots of ranks 6, 3 and 5 packed at rank 6 (each read to its own rank
-    only) and widths that are not multiples of 8 or 64 take every tail."""
+    adapter) and its slot-grouped path. Slots of ranks 6, 3 and 5 packed at rank 6, with non-zero padding that
+    only a kernel reading past a slot's own rank would add, and widths that are not multiples of 8 or 64 take
+    every tail."""
     torch.manual_seed(0)
     in_features, out_features, rank, ranks = 60, 100, 6, [6, 3, 5]
     num_slots = len(ranks)
@@ -117,8 +118,11 @@ def test_lora_kernel_row_does_not_depend_on_its_batch_companions(kernel) -> None
     for slot, r in enumerate(ranks, start=1):
         lora_a[slot, :r] = torch.randn(r, in_features)
         lora_b[slot, :, :r] = torch.randn(out_features, r) * 0.1
-    a_packed = lora_a[1:].reshape(-1, in_features)
+    a_packed = lora_a[1:].reshape(-1, in_features).clone()
     b_packed_t = lora_b[1:].transpose(1, 2).reshape(-1, out_features).contiguous()
+    for slot, r in enumerate(ranks, start=1):  # padding the kernel must not read: it would change the result
+        a_packed[(slot - 1) * rank + r : slot * rank] = 1e3
+        b_packed_t[(slot - 1) * rank + r : slot * rank] = 1e3
     slot_ranks = torch.tensor(ranks)
     x, base = torch.randn(48, in_features), torch.randn(48, out_features)
     slots = torch.randint(0, num_slots + 1, (48,))
@@ -160,3 +164,14 @@ def test_no_compiler_means_torch_ops_not_a_crash(tmp_path, monkeypatch, caplog) 
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
     assert cpu_kernels._build_and_load(tmp_path) is False
     assert "CPU kernels not built" in caplog.text
+
+
+def test_an_edited_header_changes_the_build_flags(tmp_path, monkeypatch) -> None:
+    """torch's builder rebuilds only on changed sources or flags; the headers' hash rides in the flags."""
+    assert all(path.is_file() for path in cpu_kernels.SOURCES + cpu_kernels.HEADERS)
+    header = tmp_path / "vec8.h"
+    monkeypatch.setattr(cpu_kernels, "HEADERS", [header])
+    header.write_text("// one version\n")
+    first = cpu_kernels._headers_key()
+    header.write_text("// another\n")
+    assert cpu_kernels._headers_key() != first

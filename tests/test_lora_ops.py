@@ -118,6 +118,7 @@ def test_swapping_a_slot_in_place_equals_packing_from_scratch() -> None:
     packed = swapped.a_packed
     swapped.set_lora(1, *replacement, 1.5)
     assert swapped.a_packed is packed, "room was there: the swap must write in place, not rebuild"
+    assert swapped.packed_slot_ranks.tolist() == [4, 8], "the CPU kernel reads each slot to its own rank"
 
     fresh = MultiLoRALinear(base, max_loras=2, max_lora_rank=16, dtype=torch.float32, batch=LoRABatch())
     fresh.set_lora(1, *replacement, 1.5)

@@ -23,26 +23,20 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
+
+#include "vec8.h"
 
 namespace {
 
-typedef float f8 __attribute__((vector_size(32)));  // GCC vector extension: 8 lanes, AVX on x86, pairs on ARM
-
 constexpr int64_t kChunk = 64;  // output columns per expand job: 8 eight-lane accumulators
 
-inline f8 load8(const float* p) {
-  f8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void store8(float* p, f8 v) { std::memcpy(p, &v, sizeof v); }
-
-inline float lanes_sum(f8 v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
+using loraplex::f8;
+using loraplex::lanes_sum;
+using loraplex::load8;
+using loraplex::load8_partial;
+using loraplex::store8;
+using loraplex::store8_partial;
 
 // shrunk[j] = x . a_j for J rows a_j = a + j * in: one chain of eight-lane products over k per row of A, then its
 // lanes; the tail of k past a multiple of 8 goes through zero-padded vectors. J rows run side by side only so
@@ -59,13 +53,8 @@ inline void dot_rows(const float* x, const float* a, int64_t in, float* shrunk) 
     for (int j = 0; j < J; ++j) acc[j] += xv * load8(a + j * in + k);
   }
   if (vec_in < in) {
-    alignas(32) float xt[8] = {};
-    std::memcpy(xt, x + vec_in, (in - vec_in) * sizeof(float));
-    for (int j = 0; j < J; ++j) {
-      alignas(32) float at[8] = {};
-      std::memcpy(at, a + j * in + vec_in, (in - vec_in) * sizeof(float));
-      acc[j] += load8(xt) * load8(at);
-    }
+    const f8 xt = load8_partial(x + vec_in, in - vec_in);
+    for (int j = 0; j < J; ++j) acc[j] += xt * load8_partial(a + j * in + vec_in, in - vec_in);
   }
 #pragma GCC unroll 4
   for (int j = 0; j < J; ++j) shrunk[j] = lanes_sum(acc[j]);
@@ -97,16 +86,9 @@ inline void expand_chunk(float* y, const float* shrunk, const float* b, int64_t 
   }
   for (int64_t c0 = 0; c0 < cols; c0 += 8) {  // the last chunk of a width that is not a multiple of 64
     const int64_t n = std::min<int64_t>(8, cols - c0);
-    alignas(32) float lanes[8] = {};
-    std::memcpy(lanes, y + c0, n * sizeof(float));
-    f8 acc = load8(lanes);
-    for (int64_t j = 0; j < rank; ++j) {
-      alignas(32) float bl[8] = {};
-      std::memcpy(bl, b + j * ldb + c0, n * sizeof(float));
-      acc += shrunk[j] * load8(bl);
-    }
-    store8(lanes, acc);
-    std::memcpy(y + c0, lanes, n * sizeof(float));
+    f8 acc = load8_partial(y + c0, n);
+    for (int64_t j = 0; j < rank; ++j) acc += shrunk[j] * load8_partial(b + j * ldb + c0, n);
+    store8_partial(y + c0, acc, n);
   }
 }
 

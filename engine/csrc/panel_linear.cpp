@@ -20,7 +20,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
+
+#include "vec8.h"
 
 namespace {
 
@@ -28,15 +29,9 @@ constexpr int64_t kCols = 16;       // output columns per panel
 constexpr int64_t kDepth = 256;     // k per slice: a 16 KB panel slice stays in L1
 constexpr int64_t kRowBlock = 96;   // rows per block handed to one thread: their slice of x stays in L2
 
-typedef float f8 __attribute__((vector_size(32)));  // GCC vector extension: 8 lanes, AVX on x86, pairs on ARM
-
-inline f8 load8(const float* p) {
-  f8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void store8(float* p, f8 v) { std::memcpy(p, &v, sizeof v); }
+using loraplex::f8;
+using loraplex::load8;
+using loraplex::store8;
 
 // rows x 16 tile over k in [0, depth): y (+)= x[rows, :depth] @ panel[:depth, 16]. With Prefetch, each k also
 // asks for the panel's cache line one slice further on (one k of a panel is 16 floats, one 64-byte line). Near

@@ -17,24 +17,19 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
+
+#include "vec8.h"
 
 namespace {
 
-typedef float f8 __attribute__((vector_size(32)));  // GCC vector extension: 8 lanes, AVX on x86, pairs on ARM
 
 constexpr int64_t kWeightRows = 4;  // weight rows per tile (and per parallel job unit)
 constexpr int64_t kInputRows = 3;   // input rows per tile
 
-inline f8 load8(const float* p) {
-  f8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline float lanes_sum(f8 v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
+using loraplex::f8;
+using loraplex::lanes_sum;
+using loraplex::load8;
+using loraplex::load8_partial;
 
 // W weight rows (``w_rows[i]``) x X input rows, summed lane-wise over k; the last partial 8 of k goes through a
 // zero-padded vector, so every output is computed by the same sequence of vector operations. ``prefetch``, when
@@ -65,14 +60,8 @@ inline void tile(const float* x, const float* const* w_rows, float* y, int64_t d
   }
   if (vec_depth < depth) {
     for (int i = 0; i < W; ++i) {
-      for (int j = 0; j < X; ++j) {
-        f8 wt = f8{}, xt = f8{};
-        for (int64_t k = vec_depth; k < depth; ++k) {
-          wt[k - vec_depth] = w_rows[i][k];
-          xt[k - vec_depth] = x[j * depth + k];
-        }
-        acc[i][j] += wt * xt;
-      }
+      const f8 wt = load8_partial(w_rows[i] + vec_depth, depth - vec_depth);
+      for (int j = 0; j < X; ++j) acc[i][j] += wt * load8_partial(x + j * depth + vec_depth, depth - vec_depth);
     }
   }
   for (int i = 0; i < w_valid; ++i) {
