@@ -27,6 +27,9 @@ Every system must produce exactly the requested number of tokens per request, or
     python benchmarks/engine_throughput.py                  # full run, results in benchmarks/results/
     python benchmarks/engine_throughput.py --quick          # 8 short requests, for development
     python benchmarks/engine_throughput.py --skip copies,peft-sequential --threads 1
+
+After the systems, loraplex runs again with KV pools of 1/8 to 1 of what the workload holds resident
+(``kv-sweep``): resident memory against throughput, each pool judged against (a) and (c) of the same run.
 """
 
 from __future__ import annotations
@@ -72,7 +75,18 @@ from engine.loader import resolve_model_dir  # noqa: E402
 from engine.sequence import FinishReason, Request, SamplingParams  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
-BASELINES = ("base-only", "unpacked", "torch-ops", "peft-sequential", "peft-batched", "copies", "thread-sweep")
+BASELINES = (
+    "base-only",
+    "unpacked",
+    "torch-ops",
+    "peft-sequential",
+    "peft-batched",
+    "copies",
+    "thread-sweep",
+    "kv-sweep",
+)
+# KV pool sizes of the pool sweep, as fractions of what the workload holds with every request resident.
+KV_POOL_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 # Standard-library modules whose source (code and docstrings) the prompts are cut from.
 SOURCE_MODULES = (
     "argparse",
@@ -545,6 +559,88 @@ def run_copies(
     )
 
 
+# ---- the KV pool: memory against throughput ---------------------------------------------------------------
+
+
+def run_kv_pool_sweep(
+    config: EngineConfig, workload: list[BenchRequest], warm: list[BenchRequest], fractions: tuple[float, ...]
+) -> list[dict]:
+    """loraplex with KV pools sized to fractions of the workload's need (``kv_blocks_needed``).
+
+    The pool is what the one-copy engine holds beyond the model: K/V for every request in flight. A smaller pool
+    admits fewer requests at once (and preempts when it runs dry), which lowers resident memory and throughput
+    together; this measures that trade, each pool in a deployment of its own.
+    """
+    limits = config.limits
+    longest = max(len(r.prompt_token_ids) + r.max_tokens for r in workload)
+    points = []
+    for fraction in fractions:
+        blocks = max(-(-longest // limits.block_size), round(fraction * kv_blocks_needed(workload, limits.block_size)))
+        max_model_len = min(limits.max_model_len, blocks * limits.block_size)
+        sized = dataclasses.replace(
+            config, limits=dataclasses.replace(limits, num_kv_blocks=blocks, max_model_len=max_model_len)
+        )
+        log(f"loraplex: KV pool of {blocks} blocks ({fraction:g} of the workload's need)")
+        deployment = Deployment()
+        engine = LLMEngine(sized)
+        deployment.loaded()
+        memory: dict = {}
+        run_loraplex(engine, warm, "warmup", "")
+        with deployment.measure(memory):
+            result = run_loraplex(engine, workload, f"kv-pool-{blocks}", "")
+        points.append(
+            {
+                "fraction_of_need": fraction,
+                "num_kv_blocks": blocks,
+                "kv_pool_mb": round(engine.kv_cache.num_bytes / MB, 1),
+                "tokens_per_s": round(result.tokens_per_s, 2),
+                "seconds": round(result.seconds, 3),
+                "preemptions": result.extra["preemptions"],
+                "peak_rss_growth_mb": memory["peak_rss_growth_mb"],
+                "outputs": result.outputs,
+            }
+        )
+        del engine
+    return points
+
+
+def judge_kv_pool_sweep(points: list[dict], results: dict[str, SystemResult], memory: dict[str, dict]) -> list[dict]:
+    """Each pool size against (a)'s throughput and (c)'s peak RSS from this run: can one pool meet both targets?"""
+    reference = results["loraplex"].outputs
+    judged = []
+    for point in points:
+        outputs = point.pop("outputs")
+        row = {
+            **point,
+            "same_tokens_as_loraplex": f"{sum(outputs.get(k) == v for k, v in reference.items())}/{len(reference)}",
+        }
+        if "peft-sequential" in results:
+            row["speedup_vs_a"] = round(point["tokens_per_s"] / results["peft-sequential"].tokens_per_s, 2)
+        if "copies" in results:
+            row["copies_rss_over_this"] = round(memory["copies"]["peak_rss_growth_mb"] / point["peak_rss_growth_mb"], 2)
+            copies = results["copies"].extra["num_copies"]
+            if "speedup_vs_a" in row:
+                row["both_targets_met"] = row["speedup_vs_a"] >= 10.0 and row["copies_rss_over_this"] >= 0.9 * copies
+        judged.append(row)
+    return judged
+
+
+def kv_sweep_table(points: list[dict]) -> str:
+    lines = [
+        "| KV pool blocks (share of need) | pool MB | tok/s | preemptions | peak RSS growth MB | ÷ (a) tok/s "
+        "| (c) RSS ÷ this | both targets |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for p in points:
+        both = {True: "yes", False: "no"}.get(p.get("both_targets_met"), "n/a")
+        lines.append(
+            f"| {p['num_kv_blocks']} ({p['fraction_of_need']:g}) | {p['kv_pool_mb']:.0f} | {p['tokens_per_s']:.1f} "
+            f"| {p['preemptions']} | {p['peak_rss_growth_mb']:.0f} | {p.get('speedup_vs_a', 'n/a')} "
+            f"| {p.get('copies_rss_over_this', 'n/a')} | {both} |"
+        )
+    return "\n".join(lines)
+
+
 # ---- reporting -------------------------------------------------------------------------------------------------
 
 
@@ -804,6 +900,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         results[name].memory = memory[name]
         del variant
 
+    kv_points = [] if "kv-sweep" in args.skip else run_kv_pool_sweep(config, workload, warm, KV_POOL_FRACTIONS)
+
     # (a) and (b): one base with the three adapters loaded into PEFT.
     if {"peft-sequential", "peft-batched"} - args.skip:
         deployment = Deployment()
@@ -859,6 +957,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "quick": args.quick,
         "systems": {name: r.to_json(ref) for name, r in results.items()},
         "thread_sweep": sweep,
+        "kv_pool_sweep": judge_kv_pool_sweep(kv_points, results, memory),
         "targets": evaluate_targets(results, memory),
         "table": markdown_table(results),
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
@@ -873,6 +972,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     (args.out / "engine_throughput.md").write_text(
         f"# Engine throughput\n\n{title}\n\n{report['table']}\n\n"
         + "\n".join(f"- {t['target']}: {t['measured']} ({'met' if t['met'] else 'missed'})" for t in report["targets"])
+        + (f"\n\n## KV pool size\n\n{kv_sweep_table(report['kv_pool_sweep'])}" if report["kv_pool_sweep"] else "")
         + f"\n\nFull run took {report['wall_seconds']} s. Details: engine_throughput.json.\n"
     )
     plot(results, sweep, args.out / "engine_throughput.png", title)

@@ -51,3 +51,10 @@ def test_quick_run_writes_json_table_and_plot(tmp_path: Path) -> None:
     assert data["systems"]["peft-batched"]["batch_size"] == 16
     assert "| loraplex (1 thr) | 3 | 12 |" in (tmp_path / "engine_throughput.md").read_text()
     assert (tmp_path / "engine_throughput.png").stat().st_size > 0
+    # The KV pool sweep: pools grow with the fraction, each run gives the reference's tokens whatever it preempts.
+    sweep = data["kv_pool_sweep"]
+    assert [p["fraction_of_need"] for p in sweep] == list(bench.KV_POOL_FRACTIONS)
+    assert [p["num_kv_blocks"] for p in sweep] == sorted(p["num_kv_blocks"] for p in sweep)
+    assert all(p["same_tokens_as_loraplex"] == "3/3" and p["peak_rss_growth_mb"] > 0 for p in sweep)
+    assert all(p["speedup_vs_a"] > 0 and "both_targets_met" not in p for p in sweep)  # (c) skipped
+    assert "## KV pool size" in (tmp_path / "engine_throughput.md").read_text()
