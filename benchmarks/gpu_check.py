@@ -8,14 +8,15 @@ Stages, each with a time budget (seconds on a GPU; ``--tiny`` scales them down) 
                 top-2 margin < tolerance); prefill logits
     lora_op     the batched LoRA op at 8B projection shapes: masked dense, grouped (segment), gathered (BGMV in
                 torch) against an fp32 reference, each timed with CUDA events next to the base matmul
-    attention   the decode attention call at 8B shapes under each SDPA backend, the GQA-as-rows variant, and the
-                cost of gathering the paged cache
+    attention   the decode attention call at 8B shapes: the engine's Triton paged kernel (reads the cache in
+                place), and SDPA under each backend and as GQA-as-rows over blocks gathered out of the cache
     serve       the server's app over HTTP on loopback on the default model: seeded sampling, an OpenAI stream,
                 an embedding, the metrics, nothing left running
     throughput  8B shape, random weights, real Llama 3 tokenizer: 64 and 128 concurrent requests (prompt 512,
                 256 outputs, EOS ignored) for (a) base only, (b) one adapter, (c) three adapters mixed in the
                 engine, and (d) PEFT's mixed-adapter batch generate; decode step time against the weight-read
-                floor, a step-phase breakdown, a profile of the decode step, peak GPU memory
+                floor, a step-phase breakdown, a profile of the decode step, peak GPU memory; (c) again with
+                eager steps and with SDPA over gathered blocks instead of the Triton kernel
 
     python benchmarks/gpu_check.py                          # on the GPU: everything, ~6-7 min on an H200
     python benchmarks/gpu_check.py --device cpu --tiny      # every stage on a tiny shape on the CPU, ~1-2 min
@@ -66,6 +67,7 @@ from benchmarks.gpu.llama3_8b import (  # noqa: E402
     make_random_adapters,
     model_bytes,
 )
+from engine import triton_decode  # noqa: E402
 from engine.config import EndpointConfig, EngineConfig, LimitsConfig, ModelConfig, load_config  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
 from engine.loader import LoadedModel, load_model  # noqa: E402
@@ -590,12 +592,31 @@ def stage_attention(plan: Plan, device: torch.device, dtype: torch.dtype, budget
                     variants[key] = {"ms": round(time_op(fn, device), 4), "rel_err": relative_error(out, ref)}
             except RuntimeError as e:
                 variants[key] = {"error": str(e).splitlines()[0][:200]}
+    # The engine's CUDA kernel, reading the cache in place; on the CPU in float32 when Triton's interpreter is on
+    # (the tests), so this code is run before a GPU run depends on it.
+    interpreted = device.type == "cpu" and dtype == torch.float32 and os.environ.get("TRITON_INTERPRET") == "1"
+    if triton_decode.available(device, head_dim) or (interpreted and triton_decode.triton is not None):
+        flat_q, out = q.view(batch, heads, head_dim), torch.empty(batch, heads, head_dim, device=device, dtype=dtype)
+
+        def paged_triton() -> torch.Tensor:
+            triton_decode.paged_decode_attention(flat_q, cache_k, cache_v, tables, lengths, head_dim**-0.5, out)
+            return out.view(batch, heads, 1, head_dim)
+
+        try:
+            got = paged_triton()
+            variants["paged_triton"] = {
+                "ms": round(time_op(paged_triton, device), 4),
+                "rel_err": relative_error(got, ref),
+            }
+        except Exception as e:  # the SDPA variants still tell their story
+            variants["paged_triton"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     result["variants"] = variants
     working = {k: v["ms"] for k, v in variants.items() if "ms" in v and v["rel_err"] < 2e-2}
     result["fastest"] = min(working, key=working.get) if working else None
     result["note"] = (
         "per layer and decode step: gather_ms copies the sequences' blocks out of the paged cache; the SDPA "
-        "variants then read that copy. A paged kernel (FlashInfer, flash-attn's block_table) reads the cache in place."
+        "variants then read that copy. paged_triton (engine/triton_decode.py, the engine's default on CUDA) reads "
+        "the cache in place, so its time is the whole cost, with no gather on top."
     )
     return result
 
@@ -1010,6 +1031,21 @@ def stage_throughput(plan: Plan, device: torch.device, dtype: torch.dtype, budge
             "captured_on_gpu": graphs.capture,
             "capture_failed": graphs.failed,
         }
+    kernel = engine.runner.paged_decode
+    result["decode_attention"] = "sdpa over gathered blocks" if kernel is None else f"paged kernel {kernel.__name__}"
+    if kernel is not None and graphs is not None:  # the same (c) workload, decodes through SDPA: the kernel's worth
+        concurrency = plan.concurrency[0]
+        log(f"throughput: loraplex c_three_adapters, {concurrency} concurrent, SDPA over gathered blocks")
+        engine.runner.paged_decode = None
+        engine.runner.use_decode_graphs(limits.max_num_seqs, limits.max_model_len, capture=graphs.capture)
+        warm = make_requests(pool, concurrency, plan.prompt_len, 4, list(ADAPTERS), f"warm-sdpa-{concurrency}")
+        run_engine(engine, warm, device)
+        requests = make_requests(
+            pool, concurrency, plan.prompt_len, plan.output_len, list(ADAPTERS), f"c_three_adapters-{concurrency}"
+        )
+        run = result["engine"][f"c_three_adapters_sdpa/{concurrency}"] = run_engine(engine, requests, device)
+        engine.runner.paged_decode, engine.runner.graphs = kernel, graphs
+        log(f"throughput: {run['tokens_per_s']} tok/s, decode step {run['full_batch_decode_step_ms']['step_ms']} ms")
     for label, runner_graphs in (("profile", graphs), ("profile_eager", None)):
         if label == "profile_eager" and graphs is None:
             break
@@ -1072,6 +1108,7 @@ def summarize(result: dict, plan: Plan) -> dict:
         peft = result["d_peft_mixed_generate"].get(str(concurrency), {})
         a, c = runs["a_base"].get("tokens_per_s"), runs["c_three_adapters"].get("tokens_per_s")
         eager = result["engine"].get(f"c_three_adapters_eager/{concurrency}", {}).get("tokens_per_s")
+        sdpa = result["engine"].get(f"c_three_adapters_sdpa/{concurrency}", {})
         rows[str(concurrency)] = {
             "a_base_tok_s": a,
             "b_one_adapter_tok_s": runs["b_one_adapter"].get("tokens_per_s"),
@@ -1083,6 +1120,8 @@ def summarize(result: dict, plan: Plan) -> dict:
             "c_over_d": round(c / peft["tokens_per_s"], 2) if c and peft.get("tokens_per_s") else None,
             "c_eager_tok_s": eager,
             "c_graphs_over_eager": round(c / eager, 2) if c and eager else None,
+            "c_sdpa_tok_s": sdpa.get("tokens_per_s"),
+            "c_sdpa_decode_step_ms": sdpa.get("full_batch_decode_step_ms", {}).get("step_ms"),
             "decode_step_ms_c": runs["c_three_adapters"].get("full_batch_decode_step_ms", {}).get("step_ms"),
             "decode_step_over_floor_a": runs["a_base"].get("decode_step_over_floor"),
             "decode_step_over_floor_c": runs["c_three_adapters"].get("decode_step_over_floor"),
@@ -1140,6 +1179,14 @@ def markdown(report: dict) -> str:
             f"- {t['target']}: {t['measured']} ({'met' if t['met'] else 'missed' if t['met'] is False else 'n/a'})"
             for t in summary["targets"]
         ]
+        throughput = report["stages"]["throughput"]["result"]
+        lines.append(f"- decode attention: {throughput.get('decode_attention')}")
+        for n, r in summary["by_concurrency"].items():
+            if r.get("c_sdpa_tok_s"):
+                lines.append(
+                    f"- (c) at {n} with SDPA over gathered blocks instead: {r['c_sdpa_tok_s']} tok/s, decode step "
+                    f"{r['c_sdpa_decode_step_ms']} ms (with the paged kernel: {r['decode_step_ms_c']} ms)"
+                )
     return "\n".join(lines) + "\n"
 
 

@@ -8,13 +8,14 @@ Backend: torch's ``scaled_dot_product_attention``. Decodes, sorted by context le
 groups of a few sequences on the CPU and in one group on CUDA, one call per group over its block tables padded
 to the group's longest context, with a length mask; each prefill chunk goes in its own call with a causal mask offset by
 the tokens already cached (a chunk that is its sequence's whole context attends over its own K/V directly).
-On CUDA the same calls dispatch to fused kernels; a varlen paged kernel (FlashInfer or flash-attn) is the
-upgrade path behind the same signature. On the CPU in float32, all decodes go in one call to a compiled kernel
-that reads the cache in place (``PagedDecode``, engine/cpu_kernels.py) when it could be built.
+On CUDA the same calls dispatch to fused kernels. Where a paged decode kernel is available, all decodes go
+in one call to it instead, reading the cache in place through the block tables (``PagedDecode``): on the CPU
+in float32 the compiled kernel of engine/cpu_kernels.py, on CUDA the Triton kernel of engine/triton_decode.py.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,13 +47,22 @@ class DecodeGroup:
     mask: torch.Tensor  # [count, 1, 1, max_blocks * block_size] bool, True where the key counts
 
 
+# A paged decode kernel: (query [B, H, D], key cache, value cache, block tables [B, W], context lengths [B],
+# scale, out [B, H, D]) -> None, writing ``out``. The CPU one is ``torch.ops.loraplex.paged_decode_attention``
+# (engine/cpu_kernels.py), the CUDA one ``engine.triton_decode.paged_decode_attention``.
+PagedDecodeKernel = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor], None
+]
+
+
 @dataclass
 class PagedDecode:
-    """All decode tokens (the first ``count`` of the batch), attended by the CPU kernel straight from the cache."""
+    """All decode tokens (the first ``count`` of the batch), attended by a kernel straight from the cache."""
 
     count: int
     block_tables: torch.Tensor  # [count, max_blocks] int64, padded with block 0
     context_lens: torch.Tensor  # [count] int64, this step's token included
+    kernel: PagedDecodeKernel
 
 
 @dataclass
@@ -64,7 +74,7 @@ class AttentionMetadata:
     num_decode_tokens: int  # the first num_decode_tokens tokens are decodes, one per sequence
     decode_groups: list[DecodeGroup]
     prefills: list[PrefillChunk]
-    paged_decode: PagedDecode | None = None  # set instead of decode_groups when the CPU kernel runs them
+    paged_decode: PagedDecode | None = None  # set instead of decode_groups when a paged kernel runs them
 
 
 def paged_attention_forward(
@@ -86,7 +96,7 @@ def paged_attention_forward(
     heads, kv_heads, head_dim = q.shape[0], key.shape[1], q.shape[2]
     if meta.paged_decode is not None and meta.paged_decode.count:
         decode = meta.paged_decode
-        torch.ops.loraplex.paged_decode_attention(
+        decode.kernel(
             q[:, : decode.count].transpose(0, 1).contiguous(),
             meta.kv_cache.key_cache[layer],
             meta.kv_cache.value_cache[layer],

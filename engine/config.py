@@ -39,6 +39,9 @@ class ModelConfig:
     # kernels compiled on first use (engine/cpu_kernels.py); false, or a machine that cannot build them, uses
     # the portable torch ops
     cpu_kernels: bool = True
+    # CUDA: decode attention through the Triton kernel that reads the paged cache in place
+    # (engine/triton_decode.py); false, or no Triton, uses SDPA over the blocks gathered per step
+    triton_kernels: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -49,7 +52,7 @@ class ModelConfig:
             raise ConfigError(f"model.device = {self.device!r}; use 'cpu' or 'cuda[:N]'")
         if self.num_threads < 0:
             raise ConfigError(f"model.num_threads = {self.num_threads}; use 0 (torch default) or more")
-        for name in ("packed_weights", "enforce_eager", "cpu_kernels"):
+        for name in ("packed_weights", "enforce_eager", "cpu_kernels", "triton_kernels"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"model.{name} = {getattr(self, name)!r}; use true or false")
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttentionMetadata, DecodeGroup
+from engine.attention import AttentionMetadata, DecodeGroup, PagedDecode, PagedDecodeKernel
 from engine.kv_cache import KVCache
 from engine.lora.layers import LoRAMapping
 from engine.lora.manager import LoRAManager
@@ -93,8 +93,10 @@ class DecodeGraphs:
         max_num_seqs: int,
         max_blocks_per_seq: int,
         capture: bool,
+        paged_decode: PagedDecodeKernel | None = None,
     ) -> None:
         self.decoder, self.lm_head, self.lora, self.kv_cache = decoder, lm_head, lora, kv_cache
+        self.paged_decode = paged_decode  # attend through this kernel, not SDPA over gathered blocks
         self.buckets = batch_buckets(max_num_seqs)
         self.max_blocks = max_blocks_per_seq
         self.capture = capture
@@ -183,17 +185,20 @@ class DecodeGraphs:
         by an eager call must not stand in for the captured computation. With ``lora`` every LoRA layer
         holding an adapter runs its op over all rows (each row's mask picks its slot); without, none does."""
         batch = rows.shape[0]
-        block_size = self.kv_cache.block_size
-        key_pos = torch.arange(width * block_size, device=rows.device)
-        mask = (key_pos[None, :] < rows[:, CONTEXT, None])[:, None, None, :]
         tables = rows[:, FIELDS:].contiguous()
         meta = AttentionMetadata(
             kv_cache=self.kv_cache,
             slot_mapping=rows[:, SLOT].contiguous(),
             num_decode_tokens=batch,
-            decode_groups=[DecodeGroup(0, batch, tables, mask)],
+            decode_groups=[],
             prefills=[],
         )
+        if self.paged_decode is not None:
+            meta.paged_decode = PagedDecode(batch, tables, rows[:, CONTEXT].contiguous(), self.paged_decode)
+        else:
+            key_pos = torch.arange(width * self.kv_cache.block_size, device=rows.device)
+            mask = (key_pos[None, :] < rows[:, CONTEXT, None])[:, None, None, :]
+            meta.decode_groups = [DecodeGroup(0, batch, tables, mask)]
         every_slot = frozenset(range(1, self.lora.max_loras + 1)) if lora else frozenset()
         mapping = LoRAMapping(rows[:, LORA].contiguous(), every_slot, num_mixed_rows=batch, mixed_slots=every_slot)
         with self.lora.batch.use(mapping):

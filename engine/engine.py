@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine import cpu_kernels
+from engine import cpu_kernels, triton_decode
 from engine.attention import register_paged_attention
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
@@ -122,7 +122,15 @@ class LLMEngine:
         )
         self.runner = ModelRunner(self.model, self.lora, self.kv_cache, self.block_manager)
         if kernels:
-            self.runner.paged_decode_kernel = self.lora.batch.decode_kernel = True
+            self.runner.paged_decode = torch.ops.loraplex.paged_decode_attention
+            self.lora.batch.decode_kernel = True
+        elif config.model.triton_kernels and triton_decode.available(self.runner.device, head_dim):
+            heads, kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads
+            failed = triton_decode.self_check(self.runner.device, dtype, heads, kv_heads, head_dim)
+            if failed is None:
+                self.runner.paged_decode = triton_decode.paged_decode_attention
+            else:
+                log.warning("the Triton paged decode kernel failed its check (%s); decodes use SDPA", failed)
         # Graphs only over plain weights: bitsandbytes kernels were never captured and checked on a GPU here.
         if self.runner.device.type == "cuda" and not config.model.enforce_eager and config.model.quantization == "none":
             self.runner.use_decode_graphs(limits.max_num_seqs, limits.max_model_len, capture=True)

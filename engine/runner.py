@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from engine.attention import AttentionMetadata, DecodeGroup, PagedDecode, PrefillChunk
+from engine.attention import AttentionMetadata, DecodeGroup, PagedDecode, PagedDecodeKernel, PrefillChunk
 from engine.block_manager import BlockManager
 from engine.cuda_graphs import LORA, POSITION, SLOT, TOKEN, DecodeGraphs, GraphBatch
 from engine.kv_cache import KVCache
@@ -47,14 +47,15 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA (engine/cuda_graphs.py)
         self.decode_group_seqs = DECODE_GROUP_SEQS if self.device.type == "cpu" else None
-        self.paged_decode_kernel = False  # set by the engine once engine/cpu_kernels.py has loaded
+        # Set by the engine when a paged decode kernel can run here (engine/attention.py's PagedDecode).
+        self.paged_decode: PagedDecodeKernel | None = None
 
     def use_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool) -> None:
         """Run decode-only steps through ``DecodeGraphs``: captured on CUDA, the same static forward without
         capture elsewhere (for tests)."""
         max_blocks = -(-max_model_len // self.block_manager.block_size)
         self.graphs = DecodeGraphs(
-            self.decoder, self.lm_head, self.lora, self.kv_cache, max_num_seqs, max_blocks, capture
+            self.decoder, self.lm_head, self.lora, self.kv_cache, max_num_seqs, max_blocks, capture, self.paged_decode
         )
 
     def prepare_inputs(self, chunks: list[ScheduledChunk]) -> StepInputs:
@@ -96,11 +97,12 @@ class ModelRunner:
             decode_groups=[],
             prefills=prefill_chunks,
         )
-        if self.paged_decode_kernel:
+        if self.paged_decode is not None:
             meta.paged_decode = PagedDecode(
                 len(decodes),
                 self._block_tables([c.seq.seq_id for c in decodes]),
                 tensor([c.seq.num_computed_tokens + 1 for c in decodes]),
+                self.paged_decode,
             )
         else:
             meta.decode_groups = [

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton's interpreter runs the CUDA kernels (engine/triton_decode.py) on CPU tensors. Triton reads this when
+# it is imported, so it is set before anything here imports it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from engine.config import EngineConfig, load_config
 from engine.engine import LLMEngine

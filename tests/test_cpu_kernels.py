@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from paged_cases import scattered_case, sdpa_reference
 
 from engine import cpu_kernels
 from engine.config import ModelConfig
@@ -20,42 +20,18 @@ def kernel(tmp_path_factory) -> None:
     assert cpu_kernels.load(tmp_path_factory.mktemp("cache")), "the CPU kernels did not build"
 
 
-def reference(q, cache: KVCache, tables, lens, scale):
-    """SDPA per sequence over its own gathered context, query heads grouped on their KV head."""
-    out = torch.empty_like(q)
-    heads, kv_heads, dim = q.shape[1], cache.key_cache[0].shape[2], q.shape[2]
-    for b in range(q.shape[0]):
-        k, v = cache.gather(0, tables[b : b + 1])
-        n = int(lens[b])
-        grouped = q[b : b + 1].view(1, kv_heads, heads // kv_heads, dim)
-        out[b] = F.scaled_dot_product_attention(grouped, k[:, :, :n], v[:, :, :n], scale=scale).reshape(heads, dim)
-    return out
-
-
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "dim", "block_size", "max_len"),
     [(9, 3, 64, 16, 400), (8, 8, 32, 4, 37), (32, 8, 128, 16, 70), (4, 1, 16, 1, 9)],
 )
 def test_kernel_matches_sdpa(kernel, heads: int, kv_heads: int, dim: int, block_size: int, max_len: int) -> None:
     torch.manual_seed(heads * dim + block_size)
-    num_blocks = 256
-    cache = KVCache(1, num_blocks, block_size, kv_heads, dim, torch.float32, "cpu")
-    cache.key_cache[0].normal_()
-    cache.value_cache[0].normal_(std=2.0)
-    lens = torch.tensor([1, max_len, 2, block_size, block_size + 1, max_len // 2], dtype=torch.long)
-    width = -(-max_len // block_size)
-    free = torch.randperm(num_blocks)  # blocks scattered through the pool, as after many requests
-    tables = torch.zeros(len(lens), width, dtype=torch.long)  # padded with block 0, never read past a length
-    used = 0
-    for b, n in enumerate(lens.tolist()):
-        count = -(-n // block_size)
-        tables[b, :count] = free[used : used + count]
-        used += count
-    q = torch.randn(len(lens), heads, dim)
+    lengths = [1, max_len, 2, block_size, block_size + 1, max_len // 2]
+    cache, q, tables, lens = scattered_case(heads, kv_heads, dim, block_size, lengths, torch.float32, num_blocks=256)
     out = torch.full_like(q, float("nan"))
     scale = dim**-0.5
     torch.ops.loraplex.paged_decode_attention(q, cache.key_cache[0], cache.value_cache[0], tables, lens, scale, out)
-    torch.testing.assert_close(out, reference(q, cache, tables, lens, scale), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), sdpa_reference(q, cache, tables, lens, scale), rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_refuses_what_it_cannot_read(kernel) -> None:
@@ -154,7 +130,7 @@ def test_lora_kernel_refuses_bad_shapes(kernel) -> None:
 
 
 def test_engine_uses_kernels_only_for_float32_cpu(engine: LLMEngine) -> None:
-    assert engine.runner.paged_decode_kernel and engine.lora.batch.decode_kernel, "the default engine uses them"
+    assert engine.runner.paged_decode is not None and engine.lora.batch.decode_kernel, "the default engine uses them"
     assert not cpu_kernels.wanted(ModelConfig(dtype="bfloat16"))
     assert not cpu_kernels.wanted(ModelConfig(cpu_kernels=False))
     assert cpu_kernels.wanted(ModelConfig())

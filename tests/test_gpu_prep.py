@@ -110,6 +110,7 @@ def test_gpu_check_tiny_on_cpu_writes_every_field(tmp_path: Path) -> None:
     assert {"masked_dense", "grouped", "gathered"} == set(lora["worst_relative_error"])
     attention = saved["stages"]["attention"]["result"]
     assert attention["fastest"] and attention["gather_ms"] > 0
+    assert attention["variants"]["paged_triton"]["rel_err"] < 1e-5, "the engine's CUDA kernel, interpreted"
     serve = saved["stages"]["serve"]["result"]
     assert len(serve["checks"]) == 7 and all(serve["checks"].values()), serve["checks"]
     throughput = saved["stages"]["throughput"]["result"]
@@ -122,6 +123,9 @@ def test_gpu_check_tiny_on_cpu_writes_every_field(tmp_path: Path) -> None:
             run = throughput["engine"][f"{mode}/{n}"]
             assert run["output_tokens"] == int(n) * 8 and run["full_batch_decode_steps"] > 0
     assert throughput["engine"]["c_three_adapters_eager/4"]["output_tokens"] == 4 * 8
+    # on the CPU the paged kernel is the compiled one; its run against SDPA over gathered blocks is the same code
+    assert throughput["decode_attention"] == "paged kernel paged_decode_attention"
+    assert throughput["summary"]["by_concurrency"]["4"]["c_sdpa_tok_s"] > 0
     assert throughput["decode_graphs"]["replays"] > 0 and not throughput["decode_graphs"]["capture_failed"]
     assert throughput["summary"]["by_concurrency"]["4"]["c_graphs_over_eager"] > 0
     assert throughput["profile"]["top_ops"] and throughput["profile_eager"]["top_ops"]

@@ -99,7 +99,7 @@ def test_portable_ops_match_oracle(make_engine, oracle, prompts) -> None:
     through the masked-dense op (the path of machines that cannot build the kernels, and of CUDA's eager
     steps) and the projections through oneDNN's packed weights, with chunked prefill and late arrivals."""
     engine = make_engine(model={"cpu_kernels": False}, max_num_batched_tokens=128)
-    assert not engine.runner.paged_decode_kernel and not engine.lora.batch.decode_kernel
+    assert engine.runner.paged_decode is None and not engine.lora.batch.decode_kernel
     assert any(isinstance(m, PackedLinear) for m in engine.model.modules())
     cases = [(ENDPOINTS[(i + 1) % 4], p) for i, p in enumerate(prompts)]
     run_and_compare(engine, oracle, cases, stagger=4)
