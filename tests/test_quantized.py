@@ -1,4 +1,10 @@
-"""A bitsandbytes 4-bit (nf4) base with LoRA attached before any forward equals PEFT on the same base."""
+"""A bitsandbytes 4-bit (nf4) base with LoRA attached before any forward equals PEFT on the same base.
+
+Equal token for token up to the first near-tie: bitsandbytes' CPU 4-bit kernels are not ours, and on some CPUs
+(AVX512-BF16) they compute one row and several rows differently, so logits differ in the third decimal. A
+difference is accepted only where the oracle's top-1 and top-2 logits are closer than NEAR_TIE (the GPU
+oracle's rule, benchmarks/gpu_check.py), and nothing after it is compared: from there the two continue from
+different text."""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from engine.sequence import Request, SamplingParams
 from tests.conftest import ADAPTERS
 
 NEW_TOKENS = 16
+NEAR_TIE = 0.05  # logits; a wrong adapter or a corrupted layer moves them by whole units
 
 
 def test_nf4_base_with_mixed_adapters_matches_peft_on_the_same_quantized_base(default_config: EngineConfig) -> None:
@@ -40,11 +47,22 @@ def test_nf4_base_with_mixed_adapters_matches_peft_on_the_same_quantized_base(de
         got = [t for o in results[endpoint] for t in o.new_token_ids]
         x = torch.tensor([ids])
         kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=2)
+        kwargs |= dict(output_scores=True, return_dict_in_generate=True)
         with torch.inference_mode():
             if endpoint == "base":
                 with oracle.disable_adapter():
-                    want = oracle.generate(x, attention_mask=torch.ones_like(x), **kwargs)[0, len(ids) :].tolist()
+                    out = oracle.generate(x, attention_mask=torch.ones_like(x), **kwargs)
             else:
                 oracle.set_adapter(endpoint)
-                want = oracle.generate(x, attention_mask=torch.ones_like(x), **kwargs)[0, len(ids) :].tolist()
-        assert got == want, f"{endpoint}: engine {got} vs PEFT {want}"
+                out = oracle.generate(x, attention_mask=torch.ones_like(x), **kwargs)
+        want = out.sequences[0, len(ids) :].tolist()
+        first_difference = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), None)
+        if first_difference is None:
+            continue
+        top2 = out.scores[first_difference][0].float().topk(2).values
+        margin = (top2[0] - top2[1]).item()
+        assert margin < NEAR_TIE, (
+            f"{endpoint}: engine {got} vs PEFT {want}: they differ at token {first_difference}, where the oracle's "
+            f"top-2 margin is {margin:.4f}, not a near-tie"
+        )
+        assert first_difference >= 4, f"{endpoint}: a near-tie at token {first_difference} leaves too little checked"

@@ -1,6 +1,6 @@
 """Issue 7.5 and 7.6, limits on what a caller controls and API keys, on the real app over loopback HTTP.
 
-One server with small limits (128-token context, 4 s deadline, 64 KiB bodies, 64 embedding tokens, 2 requests
+One server with small limits (128-token context, 2 s deadline, 64 KiB bodies, 64 embedding tokens, 2 requests
 per client), API keys from an environment variable and an admin key from a file.
 """
 
@@ -29,7 +29,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer
     admin_file = tmp_path_factory.mktemp("keys") / "admin_keys"
     admin_file.write_text(f"# admins\n{ADMIN_KEY}\n")
     os.environ["LORAPLEX_TEST_API_KEYS"] = f"other-key, {KEY}"
-    server_limits = {"request_timeout": 4.0, "max_body_bytes": 65536, "max_embed_tokens": 64}
+    server_limits = {"request_timeout": 2.0, "max_body_bytes": 65536, "max_embed_tokens": 64}
     auth = {"api_keys_env": "LORAPLEX_TEST_API_KEYS", "admin_keys_env": "", "admin_keys_file": str(admin_file)}
     server_limits |= {"max_requests_per_client": 2}
     server = InProcessServer(config(server=server_limits, limits={"max_model_len": 128}, auth=auth))
@@ -144,13 +144,14 @@ def test_requests_per_client_are_bounded(server: InProcessServer) -> None:
 
 def test_the_deadline_ends_a_request_in_both_forms(server: InProcessServer) -> None:
     # A raw counting prompt on the base keeps counting (no end-of-turn, no repeat penalty to push it off the
-    # count), so only the deadline can end it. The prompt is short so the 128-token context leaves 123 tokens,
-    # about 6 s on this CPU; a 70-token prompt left 58, which the engine can now finish inside the 4 s.
+    # count), so only the deadline can end it. The prompt is short so the 128-token context leaves 123 tokens:
+    # 3 s at 25 ms a token, the fastest CPU these tests have met, and 6-7 s on slower ones. The deadline is 2 s
+    # because a 4 s one was outrun there.
     options = {"num_predict": 500, "temperature": 0, "repeat_penalty": 1.0}
     body = {"model": "base", "prompt": "1, 2,", "raw": True, "options": options}
     with httpx.stream("POST", f"{server.url}/api/generate", json=body, headers=AUTH, timeout=60) as r:
         lines = [json.loads(line) for line in r.iter_lines() if line]
-    assert lines[0]["done"] is False and "request_timeout (4 s)" in lines[-1]["error"]
+    assert lines[0]["done"] is False and "request_timeout (2 s)" in lines[-1]["error"]
     response = _post(server, "/api/generate", body | {"stream": False})
     assert response.status_code == 504 and "request_timeout" in response.json()["error"]
     assert server.idle() and server.state.engine.stats.requests_finished.get("abort", 0) >= 2

@@ -24,6 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 ADAPTERS = REPO / "adapters"
 READY_TIMEOUT_S = 180
 PROMPT = "Explain in two sentences what a LoRA adapter is."
+# A request that runs as long as its num_predict allows, on any machine: a raw counting prompt on the base (no
+# chat template, so no end-of-turn) with no repeat penalty to push the model off the count. A chat answer
+# ends at its end-of-turn, which a fast CPU reaches in about a second.
+COUNTING = {"model": "base", "prompt": "1, 2,", "raw": True}
+COUNTING_OPTIONS = {"temperature": 0, "repeat_penalty": 1.0}
 
 
 def free_port() -> int:

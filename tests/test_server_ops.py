@@ -6,7 +6,7 @@ import time
 
 import httpx
 import pytest
-from test_server_harness import PROMPT, ServerProcess, shared_server
+from test_server_harness import COUNTING, COUNTING_OPTIONS, PROMPT, ServerProcess, shared_server
 
 METRIC_NAMES = [
     "loraplex_num_requests_waiting",
@@ -105,7 +105,7 @@ def test_disconnect_while_waiting_for_a_whole_response_aborts(server: ServerProc
     """A non-streaming request is aborted too when its client gives up (here: a 1.5 s read timeout)."""
     _wait_idle(server)
     before = _aborted(server)
-    body = {"model": "chatbot", "prompt": PROMPT, "stream": False, "options": {"num_predict": 400, "temperature": 0}}
+    body = COUNTING | {"stream": False, "options": COUNTING_OPTIONS | {"num_predict": 400}}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/api/generate", json=body, timeout=1.5)
     _wait_idle(server)

@@ -7,13 +7,13 @@ import signal
 import time
 
 import httpx
-from test_server_harness import PROMPT, start_server
+from test_server_harness import COUNTING, COUNTING_OPTIONS, start_server
 
 
 def test_sigterm_drains_then_exits_zero() -> None:
     server = start_server(grace_period=60)
     try:
-        body = {"model": "chatbot", "prompt": PROMPT, "options": {"num_predict": 12, "temperature": 0}}
+        body = COUNTING | {"options": COUNTING_OPTIONS | {"num_predict": 100}}  # seconds of tokens, on any CPU
         with httpx.Client(timeout=60) as client, client.stream("POST", f"{server.url}/api/generate", json=body) as r:
             lines = r.iter_lines()
             first = json.loads(next(lines))
