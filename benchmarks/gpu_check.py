@@ -9,7 +9,8 @@ Stages, each with a time budget (seconds on a GPU; ``--tiny`` scales them down) 
     lora_op     the batched LoRA op at 8B projection shapes: masked dense, grouped (segment), gathered (BGMV in
                 torch) against an fp32 reference, each timed with CUDA events next to the base matmul
     attention   the decode attention call at 8B shapes: the engine's Triton paged kernel (reads the cache in
-                place), and SDPA under each backend and as GQA-as-rows over blocks gathered out of the cache
+                place), and SDPA under each backend and as GQA-as-rows over blocks gathered out of the cache;
+                RMSNorm of the same rows through transformers' ops and the engine's Triton kernel
     serve       the server's app over HTTP on loopback on the default model: seeded sampling, an OpenAI stream,
                 an embedding, the metrics, nothing left running
     throughput  8B shape, random weights, real Llama 3 tokenizer: 64 and 128 concurrent requests (prompt 512,
@@ -57,6 +58,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
+from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
 
 from benchmarks.gpu.llama3_8b import (  # noqa: E402
     LLAMA3_8B,
@@ -73,6 +75,7 @@ from engine.engine import LLMEngine  # noqa: E402
 from engine.loader import LoadedModel, load_model  # noqa: E402
 from engine.lora.ops import column_mask, lora_grouped, lora_masked_dense, lora_reference  # noqa: E402
 from engine.sequence import FinishReason, Request, SamplingParams  # noqa: E402
+from engine.triton_norm import TritonRMSNorm  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 STAGES = ("env", "oracle", "lora_op", "attention", "serve", "throughput")
@@ -611,6 +614,20 @@ def stage_attention(plan: Plan, device: torch.device, dtype: torch.dtype, budget
         except Exception as e:  # the SDPA variants still tell their story
             variants["paged_triton"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     result["variants"] = variants
+    if triton_decode.available(device, head_dim) or (interpreted and triton_decode.triton is not None):
+        # RMSNorm on one decode step's rows: transformers' ops against the engine's Triton kernel
+        norm = LlamaRMSNorm(shape.hidden_size).to(device=device, dtype=dtype)
+        rows = torch.randn(batch, shape.hidden_size, generator=gen, device=device, dtype=dtype)
+        fused = TritonRMSNorm(norm)
+        try:
+            result["rms_norm"] = {
+                "rows": batch,
+                "torch_ms": round(time_op(lambda: norm(rows), device), 4),
+                "triton_ms": round(time_op(lambda: fused(rows), device), 4),
+                "rel_err": relative_error(fused(rows), norm(rows)),
+            }
+        except Exception as e:  # the attention numbers still stand
+            result["rms_norm"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     working = {k: v["ms"] for k, v in variants.items() if "ms" in v and v["rel_err"] < 2e-2}
     result["fastest"] = min(working, key=working.get) if working else None
     result["note"] = (

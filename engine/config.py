@@ -40,7 +40,8 @@ class ModelConfig:
     # the portable torch ops
     cpu_kernels: bool = True
     # CUDA: decode attention through the Triton kernel that reads the paged cache in place
-    # (engine/triton_decode.py); false, or no Triton, uses SDPA over the blocks gathered per step
+    # (engine/triton_decode.py) and RMSNorm in one Triton kernel (engine/triton_norm.py), each checked against
+    # torch at start; false, or no Triton, uses SDPA over the blocks gathered per step and transformers' norm
     triton_kernels: bool = True
 
     def __post_init__(self) -> None:

@@ -8,6 +8,8 @@ other architectures' norms differ (Gemma's scales by ``1 + weight``) and keep th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -24,14 +26,17 @@ class KernelRMSNorm(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return torch.ops.loraplex.rms_norm(hidden_states.contiguous(), self.weight, self.variance_epsilon)
 
+    kernel_name = "loraplex"
+
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, kernel=loraplex"
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, kernel={self.kernel_name}"
 
 
-def swap_rms_norms(model: nn.Module) -> int:
-    """Replace every ``LlamaRMSNorm`` in ``model`` with ``KernelRMSNorm``; returns how many were swapped."""
+def swap_rms_norms(model: nn.Module, replacement: Callable[[LlamaRMSNorm], nn.Module] = KernelRMSNorm) -> int:
+    """Replace every ``LlamaRMSNorm`` in ``model`` with ``replacement(norm)`` (this CPU kernel's module, or the
+    Triton one of engine/triton_norm.py on CUDA); returns how many were swapped."""
     found = [(name, module) for name, module in model.named_modules() if type(module) is LlamaRMSNorm]
     for name, module in found:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, KernelRMSNorm(module))
+        setattr(model.get_submodule(parent_name), child, replacement(module))
     return len(found)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine import cpu_kernels, triton_decode
+from engine import cpu_kernels, triton_decode, triton_norm
 from engine.attention import register_paged_attention
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
@@ -125,12 +125,7 @@ class LLMEngine:
             self.runner.paged_decode = torch.ops.loraplex.paged_decode_attention
             self.lora.batch.decode_kernel = True
         elif config.model.triton_kernels and triton_decode.available(self.runner.device, head_dim):
-            heads, kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads
-            failed = triton_decode.self_check(self.runner.device, dtype, heads, kv_heads, head_dim)
-            if failed is None:
-                self.runner.paged_decode = triton_decode.paged_decode_attention
-            else:
-                log.warning("the Triton paged decode kernel failed its check (%s); decodes use SDPA", failed)
+            self._use_triton_kernels(dtype, text_config, head_dim)
         # Graphs only over plain weights: bitsandbytes kernels were never captured and checked on a GPU here.
         if self.runner.device.type == "cuda" and not config.model.enforce_eager and config.model.quantization == "none":
             self.runner.use_decode_graphs(limits.max_num_seqs, limits.max_model_len, capture=True)
@@ -138,6 +133,22 @@ class LLMEngine:
         self.eos_token_ids = self._eos_token_ids()
         self.tracked: dict[str, _Tracked] = {}
         self.stats = EngineStats(kv_blocks_total=limits.num_kv_blocks)
+
+    def _use_triton_kernels(self, dtype: torch.dtype, text_config, head_dim: int) -> None:
+        """CUDA: decode attention and RMSNorm through the Triton kernels, each after a check against torch on this
+        device; one that fails its check is left out with a warning (torch's ops serve instead)."""
+        device = self.runner.device
+        heads, kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads
+        failed = triton_decode.self_check(device, dtype, heads, kv_heads, head_dim)
+        if failed is None:
+            self.runner.paged_decode = triton_decode.paged_decode_attention
+        else:
+            log.warning("the Triton paged decode kernel failed its check (%s); decodes use SDPA", failed)
+        failed = triton_norm.self_check(device, dtype, text_config.hidden_size)
+        if failed is None:
+            swap_rms_norms(self.model, triton_norm.TritonRMSNorm)
+        else:
+            log.warning("the Triton RMSNorm kernel failed its check (%s); norms use torch's ops", failed)
 
     def _eos_token_ids(self) -> set[int]:
         ids = self.model.generation_config.eos_token_id

@@ -111,6 +111,7 @@ def test_gpu_check_tiny_on_cpu_writes_every_field(tmp_path: Path) -> None:
     attention = saved["stages"]["attention"]["result"]
     assert attention["fastest"] and attention["gather_ms"] > 0
     assert attention["variants"]["paged_triton"]["rel_err"] < 1e-5, "the engine's CUDA kernel, interpreted"
+    assert attention["rms_norm"]["rel_err"] < 1e-6 and attention["rms_norm"]["triton_ms"] > 0
     serve = saved["stages"]["serve"]["result"]
     assert len(serve["checks"]) == 7 and all(serve["checks"].values()), serve["checks"]
     throughput = saved["stages"]["throughput"]["result"]

@@ -15,8 +15,10 @@ import torch
 from paged_cases import scattered_case, sdpa_reference
 
 from engine import triton_decode
+from engine.cpu_norm import swap_rms_norms
 from engine.engine import LLMEngine
 from engine.sequence import Request, SamplingParams
+from engine.triton_norm import TritonRMSNorm
 
 
 @pytest.fixture
@@ -82,8 +84,9 @@ def test_availability_needs_cuda_and_a_power_of_two_head() -> None:
 
 @pytest.mark.slow
 def test_engine_tokens_through_the_kernel_equal_the_default_engines(interpreted, make_engine) -> None:
-    """The kernel in the engine's decode path, eagerly and in the decode-graph forward (uncaptured on the CPU):
-    greedy tokens of a mixed-adapter batch equal the default engine's, token for token."""
+    """The kernel in the engine's decode path, eagerly and in the decode-graph forward (uncaptured on the CPU),
+    with every RMSNorm through the Triton one too (engine/triton_norm.py), as the engine runs on CUDA: greedy
+    tokens of a mixed-adapter batch equal the default engine's, token for token."""
     requests = [
         Request(f"r{i}", endpoint, prompt, SamplingParams(max_tokens=12, ignore_eos=True))
         for i, (endpoint, prompt) in enumerate(
@@ -104,12 +107,14 @@ def test_engine_tokens_through_the_kernel_equal_the_default_engines(interpreted,
     expected = tokens(make_engine(max_num_seqs=8))
     eager = make_engine({"cpu_kernels": False}, max_num_seqs=8)
     eager.runner.paged_decode = counted
+    assert swap_rms_norms(eager.model, TritonRMSNorm) == 2 * eager.model.config.num_hidden_layers + 1
     assert tokens(eager) == expected
     layers = eager.model.config.num_hidden_layers
     assert len(calls) >= 11 * layers and max(calls) == 4, "every decode step of the batch went through the kernel"
     calls.clear()
     graphed = make_engine({"cpu_kernels": False}, max_num_seqs=8)
     graphed.runner.paged_decode = counted
+    swap_rms_norms(graphed.model, TritonRMSNorm)
     graphed.runner.use_decode_graphs(8, 256, capture=False)
     assert tokens(graphed) == expected
     assert graphed.runner.graphs.replays >= 11 and len(calls) >= 11 * layers
