@@ -1,9 +1,9 @@
 """The CUDA paged decode kernel (engine/triton_decode.py), run on the CPU by Triton's interpreter.
 
 Against SDPA over each sequence's gathered context (the same reference as the CPU kernel's), in float32 and
-float16, and inside the
-engine, eager and through the decode-graph forward, against the default engine's greedy tokens (which
-test_oracle.py holds to transformers + PEFT). Speed is measured on a GPU by benchmarks/gpu_check.py.
+float16, and inside the engine, eager and through the decode-graph forward, against the default engine's
+greedy tokens (which test_oracle.py holds to transformers + PEFT). Speed is measured on a GPU by
+benchmarks/gpu_check.py.
 """
 
 from __future__ import annotations
