@@ -397,6 +397,22 @@ def run_loraplex(
     )
 
 
+def run_in_fresh_engine(
+    config: EngineConfig, workload: list[BenchRequest], warm: list[BenchRequest], name: str, description: str
+) -> tuple[SystemResult, dict]:
+    """One engine in a deployment of its own: load, warm up, one measured run. Returns the result and its
+    memory (``engine_memory`` and the RSS growth); the engine is dropped."""
+    deployment = Deployment()
+    engine = LLMEngine(config)
+    deployment.loaded()
+    memory: dict = {}
+    run_loraplex(engine, warm, "warmup", "")
+    with deployment.measure(memory):
+        result = run_loraplex(engine, workload, name, description)
+    result.memory = {**engine_memory(engine, workload), **memory}
+    return result, result.memory
+
+
 # ---- transformers + PEFT baselines -----------------------------------------------------------------------------
 
 
@@ -563,57 +579,47 @@ def run_copies(
 
 
 def run_kv_pool_sweep(
-    config: EngineConfig, workload: list[BenchRequest], warm: list[BenchRequest], fractions: tuple[float, ...]
+    config: EngineConfig, workload: list[BenchRequest], warm: list[BenchRequest], reference: SystemResult
 ) -> list[dict]:
-    """loraplex with KV pools sized to fractions of the workload's need (``kv_blocks_needed``).
+    """loraplex with KV pools sized to ``KV_POOL_FRACTIONS`` of the workload's need (``kv_blocks_needed``).
 
     The pool is what the one-copy engine holds beyond the model: K/V for every request in flight. A smaller pool
     admits fewer requests at once (and preempts when it runs dry), which lowers resident memory and throughput
-    together; this measures that trade, each pool in a deployment of its own.
+    together; this measures that trade, each pool in a deployment of its own, and checks each run's tokens
+    against ``reference``'s.
     """
     limits = config.limits
     longest = max(len(r.prompt_token_ids) + r.max_tokens for r in workload)
     points = []
-    for fraction in fractions:
+    for fraction in KV_POOL_FRACTIONS:
         blocks = max(-(-longest // limits.block_size), round(fraction * kv_blocks_needed(workload, limits.block_size)))
         max_model_len = min(limits.max_model_len, blocks * limits.block_size)
         sized = dataclasses.replace(
             config, limits=dataclasses.replace(limits, num_kv_blocks=blocks, max_model_len=max_model_len)
         )
         log(f"loraplex: KV pool of {blocks} blocks ({fraction:g} of the workload's need)")
-        deployment = Deployment()
-        engine = LLMEngine(sized)
-        deployment.loaded()
-        memory: dict = {}
-        run_loraplex(engine, warm, "warmup", "")
-        with deployment.measure(memory):
-            result = run_loraplex(engine, workload, f"kv-pool-{blocks}", "")
+        result, memory = run_in_fresh_engine(sized, workload, warm, f"kv-pool-{blocks}", "")
+        same = sum(result.outputs.get(rid) == tokens for rid, tokens in reference.outputs.items())
         points.append(
             {
                 "fraction_of_need": fraction,
                 "num_kv_blocks": blocks,
-                "kv_pool_mb": round(engine.kv_cache.num_bytes / MB, 1),
+                "kv_pool_mb": memory["kv_pool_allocated_mb"],
                 "tokens_per_s": round(result.tokens_per_s, 2),
                 "seconds": round(result.seconds, 3),
                 "preemptions": result.extra["preemptions"],
                 "peak_rss_growth_mb": memory["peak_rss_growth_mb"],
-                "outputs": result.outputs,
+                "same_tokens_as_loraplex": f"{same}/{len(reference.outputs)}",
             }
         )
-        del engine
     return points
 
 
 def judge_kv_pool_sweep(points: list[dict], results: dict[str, SystemResult], memory: dict[str, dict]) -> list[dict]:
     """Each pool size against (a)'s throughput and (c)'s peak RSS from this run: can one pool meet both targets?"""
-    reference = results["loraplex"].outputs
     judged = []
     for point in points:
-        outputs = point.pop("outputs")
-        row = {
-            **point,
-            "same_tokens_as_loraplex": f"{sum(outputs.get(k) == v for k, v in reference.items())}/{len(reference)}",
-        }
+        row = dict(point)
         if "peft-sequential" in results:
             row["speedup_vs_a"] = round(point["tokens_per_s"] / results["peft-sequential"].tokens_per_s, 2)
         if "copies" in results:
@@ -892,18 +898,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         if name in args.skip:
             continue
         log(f"loraplex: model.{setting} = false ({what})")
-        deployment = Deployment()
-        variant = LLMEngine(dataclasses.replace(config, model=dataclasses.replace(config.model, **{setting: False})))
-        deployment.loaded()
-        memory[name] = {}
-        run_loraplex(variant, warm, "warmup", "")
-        with deployment.measure(memory[name]):
-            results[name] = run_loraplex(variant, workload, name, f"loraplex with model.{setting} = false")
-        memory[name] = {**engine_memory(variant, workload), **memory[name]}
-        results[name].memory = memory[name]
-        del variant
+        changed = dataclasses.replace(config, model=dataclasses.replace(config.model, **{setting: False}))
+        description = f"loraplex with model.{setting} = false"
+        results[name], memory[name] = run_in_fresh_engine(changed, workload, warm, name, description)
 
-    kv_points = [] if "kv-sweep" in args.skip else run_kv_pool_sweep(config, workload, warm, KV_POOL_FRACTIONS)
+    kv_points = [] if "kv-sweep" in args.skip else run_kv_pool_sweep(config, workload, warm, results["loraplex"])
 
     # (a) and (b): one base with the three adapters loaded into PEFT.
     if {"peft-sequential", "peft-batched"} - args.skip:

@@ -597,8 +597,9 @@ def stage_attention(plan: Plan, device: torch.device, dtype: torch.dtype, budget
                 variants[key] = {"error": str(e).splitlines()[0][:200]}
     # The engine's CUDA kernel, reading the cache in place; on the CPU in float32 when Triton's interpreter is on
     # (the tests), so this code is run before a GPU run depends on it.
-    interpreted = device.type == "cpu" and dtype == torch.float32 and os.environ.get("TRITON_INTERPRET") == "1"
-    if triton_decode.available(device, head_dim) or (interpreted and triton_decode.triton is not None):
+    interpreted = device.type == "cpu" and dtype == torch.float32 and triton_decode.INTERPRETED
+    run_triton = triton_decode.available(device, head_dim) or interpreted
+    if run_triton:
         flat_q, out = q.view(batch, heads, head_dim), torch.empty(batch, heads, head_dim, device=device, dtype=dtype)
 
         def paged_triton() -> torch.Tensor:
@@ -614,7 +615,7 @@ def stage_attention(plan: Plan, device: torch.device, dtype: torch.dtype, budget
         except Exception as e:  # the SDPA variants still tell their story
             variants["paged_triton"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     result["variants"] = variants
-    if triton_decode.available(device, head_dim) or (interpreted and triton_decode.triton is not None):
+    if run_triton:
         # RMSNorm on one decode step's rows: transformers' ops against the engine's Triton kernel
         norm = LlamaRMSNorm(shape.hidden_size).to(device=device, dtype=dtype)
         rows = torch.randn(batch, shape.hidden_size, generator=gen, device=device, dtype=dtype)
@@ -1049,7 +1050,8 @@ def stage_throughput(plan: Plan, device: torch.device, dtype: torch.dtype, budge
             "capture_failed": graphs.failed,
         }
     kernel = engine.runner.paged_decode
-    result["decode_attention"] = "sdpa over gathered blocks" if kernel is None else f"paged kernel {kernel.__name__}"
+    labels = {None: "sdpa over gathered blocks", triton_decode.paged_decode_attention: "triton paged kernel"}
+    result["decode_attention"] = labels.get(kernel, "cpu paged kernel")
     if kernel is not None and graphs is not None:  # the same (c) workload, decodes through SDPA: the kernel's worth
         concurrency = plan.concurrency[0]
         log(f"throughput: loraplex c_three_adapters, {concurrency} concurrent, SDPA over gathered blocks")

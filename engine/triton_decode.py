@@ -28,6 +28,8 @@ try:
     import triton.language as tl
 except ImportError:  # a CPU install: the kernel is simply not offered
     triton = tl = None
+# Triton chose its interpreter (kernels run on CPU tensors, for the tests) when it was imported, from this.
+INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def available(device: torch.device, head_dim: int) -> bool:
@@ -194,5 +196,5 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size,
         TILE=TILE,
         IEEE=key_cache.dtype == torch.float32,
-        INTERPRETER_LOOP_END=block_tables.shape[1] * block_size if os.environ.get("TRITON_INTERPRET") == "1" else 0,
+        INTERPRETER_LOOP_END=block_tables.shape[1] * block_size if INTERPRETED else 0,
     )

@@ -26,6 +26,14 @@ ADAPTERS = {name: ROOT / "adapters" / name for name in ("chatbot", "code", "summ
 
 
 @pytest.fixture(scope="session")
+def triton_interpreter() -> None:
+    """The CUDA kernels' tests need Triton, imported in interpreter mode (set above)."""
+    from engine import triton_decode
+
+    assert triton_decode.INTERPRETED, "triton (a test dependency) must be importable, in interpreter mode"
+
+
+@pytest.fixture(scope="session")
 def default_config() -> EngineConfig:
     return load_config()
 

@@ -16,6 +16,7 @@ import ollama
 import openai
 import pytest
 from reliability_server import InProcessServer, config
+from test_server_harness import COUNTING, COUNTING_OPTIONS
 
 from engine.config import AuthConfig
 from server.auth import KeyChecker
@@ -143,12 +144,10 @@ def test_requests_per_client_are_bounded(server: InProcessServer) -> None:
 
 
 def test_the_deadline_ends_a_request_in_both_forms(server: InProcessServer) -> None:
-    # A raw counting prompt on the base keeps counting (no end-of-turn, no repeat penalty to push it off the
-    # count), so only the deadline can end it. The prompt is short so the 128-token context leaves 123 tokens:
-    # 3 s at 25 ms a token, the fastest CPU these tests have met, and 6-7 s on slower ones. The deadline is 2 s
-    # because a 4 s one was outrun there.
-    options = {"num_predict": 500, "temperature": 0, "repeat_penalty": 1.0}
-    body = {"model": "base", "prompt": "1, 2,", "raw": True, "options": options}
+    # The counting request runs until its context is full (test_server_harness.COUNTING), so only the deadline
+    # can end it. Its prompt is short, so the 128-token context leaves 123 tokens: about 3 s at 25 ms a token,
+    # the fastest CPU these tests have met, where a 4 s deadline was outrun; hence 2 s.
+    body = COUNTING | {"options": COUNTING_OPTIONS | {"num_predict": 500}}
     with httpx.stream("POST", f"{server.url}/api/generate", json=body, headers=AUTH, timeout=60) as r:
         lines = [json.loads(line) for line in r.iter_lines() if line]
     assert lines[0]["done"] is False and "request_timeout (2 s)" in lines[-1]["error"]

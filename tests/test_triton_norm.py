@@ -3,19 +3,13 @@ transformers' ``LlamaRMSNorm``. Inside the engine it is checked in tests/test_tr
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from engine import triton_norm
 
-
-@pytest.fixture(autouse=True)
-def interpreted() -> None:
-    assert triton_norm.triton is not None, "triton is a test dependency: the CUDA kernels are tested here"
-    assert os.environ.get("TRITON_INTERPRET") == "1", "Triton must be imported in interpreter mode"
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def llama_norm(width: int, dtype: torch.dtype, seed: int) -> LlamaRMSNorm:
