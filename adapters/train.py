@@ -230,7 +230,7 @@ def load_base(num_threads: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
     from engine.loader import resolve_model_dir
 
     torch.set_num_threads(num_threads)
-    model_dir, _ = resolve_model_dir(load_config().model)
+    model_dir = resolve_model_dir(load_config().model)[0]
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), AutoTokenizer.from_pretrained(
         model_dir
     )

@@ -2,9 +2,12 @@
 
 Light serving load decodes a few sequences at a time: every step reads all the weights for a few rows, which is
 where the CPU kernels' projections (``engine/cpu_linear.py``, ``engine/csrc/panel_linear.cpp``) are meant to
-pay. Three engines run in one process:
+pay. Four engines run in one process:
 
-    default         projections in the kernels' panels, the LM head, decode attention and LoRA through the kernels
+    default         projections in the kernels' panels over the GGUF file's 4-bit blocks, the LM head over its
+                    8-bit ones (engine/gguf_weights.py), decode attention and LoRA through the kernels
+    float32-weights ``model.gguf_weights = false``: the same kernels over the weights dequantized to float32
+                    (the same outputs to the bit, about 3.5x the model's bytes)
     no-kernels      ``model.cpu_kernels = false``: projections through oneDNN's packed weights, the LM head as
                     weight-first MKL, SDPA over gathered copies, the masked-dense LoRA op
     unpacked        ``model.packed_weights = false``: the kernels for attention, LoRA and the LM head, but the
@@ -66,7 +69,12 @@ def decode_step_seconds(engine: LLMEngine, batch: int, steps: int, tag: str) -> 
     return times
 
 
-VARIANTS = {"default": {}, "no-kernels": {"cpu_kernels": False}, "unpacked": {"packed_weights": False}}
+VARIANTS = {
+    "default": {},
+    "float32-weights": {"gguf_weights": False},
+    "no-kernels": {"cpu_kernels": False},
+    "unpacked": {"packed_weights": False},
+}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -86,21 +94,27 @@ def run(args: argparse.Namespace) -> dict:
                 times[variant][batch] += decode_step_seconds(engine, batch, args.steps, tag)
         print(f"round {round_index + 1} of {args.rounds} done", flush=True)
     rows = []
+    others = [variant for variant in engines if variant != "default"]
     for batch in args.batches:
         ms = {variant: statistics.median(times[variant][batch]) * 1e3 for variant in engines}
         row = {"batch": batch} | {f"{variant}_ms": round(value, 1) for variant, value in ms.items()}
-        others = [variant for variant in engines if variant != "default"]
         row |= {f"{variant}_vs_default": round(ms[variant] / ms["default"], 2) for variant in others}
         rows.append(row)
     table = "\n".join(
         [
-            "| sequences | default ms/step | no-kernels ms/step | unpacked ms/step "
-            "| no-kernels ÷ default | unpacked ÷ default |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| sequences | "
+            + " | ".join(f"{v} ms/step" for v in engines)
+            + " | "
+            + " | ".join(f"{v} ÷ default" for v in others)
+            + " |",
+            "| ---: " * (1 + len(engines) + len(others)) + "|",
         ]
         + [
-            f"| {r['batch']} | {r['default_ms']} | {r['no-kernels_ms']} | {r['unpacked_ms']} | "
-            f"{r['no-kernels_vs_default']} | {r['unpacked_vs_default']} |"
+            f"| {r['batch']} | "
+            + " | ".join(str(r[f"{v}_ms"]) for v in engines)
+            + " | "
+            + " | ".join(str(r[f"{v}_vs_default"]) for v in others)
+            + " |"
             for r in rows
         ]
     )

@@ -5,6 +5,9 @@ One process, one run, one workload, the default model (SmolLM2-135M-Instruct, fl
     loraplex                 every request submitted at once to one engine; adapters share each forward pass
     loraplex, base only      the same prompts and lengths, all on the base model: what adapters cost (the two
                              alternate for ``--rounds`` rounds, default 2, and report their means)
+    loraplex, float32 weights  ``model.gguf_weights = false``: the same kernels over the weights dequantized to
+                             float32 instead of the GGUF file's 4- and 8-bit blocks (engine/gguf_weights.py);
+                             must give the same greedy tokens
     loraplex, unpacked       ``model.packed_weights = false``: torch's default CPU matmul instead of weights
                              pre-packed in the panels of the CPU kernels (engine/cpu_linear.py); must give the
                              same greedy tokens
@@ -28,7 +31,7 @@ Every system must produce exactly the requested number of tokens per request, or
     python benchmarks/engine_throughput.py --quick          # 8 short requests, for development
     python benchmarks/engine_throughput.py --skip copies,peft-sequential --threads 1
 
-After the systems, loraplex runs again with KV pools of 1/8 to 1 of what the workload holds resident
+After the systems, loraplex runs again with KV pools of 1/8 to all of what the workload holds resident
 (``kv-sweep``): resident memory against throughput, each pool judged against (a) and (c) of the same run.
 """
 
@@ -77,6 +80,7 @@ from engine.sequence import FinishReason, Request, SamplingParams  # noqa: E402
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 BASELINES = (
     "base-only",
+    "float32-weights",
     "unpacked",
     "torch-ops",
     "peft-sequential",
@@ -86,7 +90,7 @@ BASELINES = (
     "kv-sweep",
 )
 # KV pool sizes of the pool sweep, as fractions of what the workload holds with every request resident.
-KV_POOL_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
+KV_POOL_FRACTIONS = (0.125, 0.25, 0.5, 0.625, 0.75, 1.0)
 # Standard-library modules whose source (code and docstrings) the prompts are cut from.
 SOURCE_MODULES = (
     "argparse",
@@ -829,7 +833,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     torch.set_num_threads(threads)
     machine = machine_description(threads)
     revision = source_revision()
-    model_dir, model_name = resolve_model_dir(config.model)
+    model_dir, model_name, _ = resolve_model_dir(config.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     adapters = {e.name: e.adapter for e in config.endpoints if e.adapter}
@@ -891,6 +895,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     del engine
 
     variants = {  # one engine setting turned off: what that part of the engine is worth, same tokens or stop
+        "float32-weights": ("gguf_weights", "the kernels over float32 weights instead of the GGUF file's blocks"),
         "unpacked": ("packed_weights", "torch's default CPU matmul"),
         "torch-ops": ("cpu_kernels", "oneDNN, SDPA and the masked-dense LoRA op instead of the CPU kernels"),
     }

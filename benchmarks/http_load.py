@@ -624,7 +624,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     machine = machine_description()
     config = load_config()
-    model_dir, model_name = resolve_model_dir(config.model)
+    model_dir, model_name, _ = resolve_model_dir(config.model)
     popularity = SKEWED if args.popularity == "skewed" else UNIFORM
     workload = make_workload(AutoTokenizer.from_pretrained(model_dir), args.spec, popularity)
     log(f"workload: {len(workload)} requests per rate, {dict(Counter(r.endpoint for r in workload))}")

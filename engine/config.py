@@ -39,6 +39,10 @@ class ModelConfig:
     # kernels compiled on first use (engine/cpu_kernels.py); false, or a machine that cannot build them, uses
     # the portable torch ops
     cpu_kernels: bool = True
+    # with the CPU kernels and a GGUF base: keep each projection in the file's own 4-bit blocks (Q4_0, Q4_1)
+    # when they reproduce its float32 weight exactly; same outputs to the bit, a fifth of the memory
+    # (engine/gguf_weights.py). False dequantizes them to float32 panels
+    gguf_weights: bool = True
     # CUDA: decode attention through the Triton kernel that reads the paged cache in place
     # (engine/triton_decode.py) and RMSNorm in one Triton kernel (engine/triton_norm.py), each checked against
     # torch at start; false, or no Triton, uses SDPA over the blocks gathered per step and transformers' norm
@@ -53,7 +57,7 @@ class ModelConfig:
             raise ConfigError(f"model.device = {self.device!r}; use 'cpu' or 'cuda[:N]'")
         if self.num_threads < 0:
             raise ConfigError(f"model.num_threads = {self.num_threads}; use 0 (torch default) or more")
-        for name in ("packed_weights", "enforce_eager", "cpu_kernels", "triton_kernels"):
+        for name in ("packed_weights", "enforce_eager", "cpu_kernels", "gguf_weights", "triton_kernels"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"model.{name} = {getattr(self, name)!r}; use true or false")
 

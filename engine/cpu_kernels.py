@@ -18,6 +18,9 @@ Why hand-written kernels (float32 on the CPU only; CUDA and other dtypes keep th
   and MKL read the weights there at about half the memory's bandwidth, and the weights are most of a small
   batch's step. oneDNN's packed layout is opaque, so no kernel of ours can read it: the projections are
   packed in the kernel's own layout instead, with oneDNN's packing as the fallback when the kernels are off.
+  ``panel_linear_q4`` reads projections kept in a GGUF file's 4-bit blocks (engine/gguf_weights.py) and gives
+  ``panel_linear``'s results to the bit from a fifth of the bytes; ``row_major_linear_q8`` does the same for
+  an LM head tied to embeddings kept in 8-bit blocks.
 - ``rms_norm``: Llama's RMSNorm in one pass per row instead of six torch ops (engine/cpu_norm.py).
 
 All are plain loops (compiled with the host's vector instructions) with torch ops as their references in the
@@ -59,7 +62,9 @@ OPS = (
     "lora_decode_delta",
     "pack_linear_weight",
     "panel_linear",
+    "panel_linear_q4",
     "row_major_linear",
+    "row_major_linear_q8",
     "rms_norm",
 )
 _lock = threading.Lock()

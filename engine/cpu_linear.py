@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.gguf_weights import Q4Panels, Q8Rows
 
 # oneDNN picks its blocked weight layout for this many rows; 16 was as fast as any hint from 1 to 256 rows.
 _PACK_ROWS_HINT = 16
@@ -91,6 +92,28 @@ class PanelLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=panels"
 
 
+class Q4PanelLinear(nn.Module):
+    """``nn.Linear`` whose weight stays in a GGUF file's 4-bit blocks, read by ``loraplex::panel_linear_q4``:
+    the same outputs as ``PanelLinear`` over the dequantized weight, to the bit (engine/gguf_weights.py)."""
+
+    def __init__(self, linear: nn.Linear, panels: Q4Panels) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        # parameters, so parameter counts and memory reports see the weight in the form it is held
+        self.codes = nn.Parameter(panels.codes, requires_grad=False)
+        self.scales = nn.Parameter(panels.scales, requires_grad=False)
+        self.minimums = nn.Parameter(panels.minimums, requires_grad=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op = torch.ops.loraplex.panel_linear_q4
+        return _rows_through_kernel(self, x, op, self.codes, self.scales, self.minimums, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed=q4 panels"
+
+
 class _DenseHeadLinear(nn.Module):
     """An LM head that keeps the original dense weight (shared, so a tie to the embeddings holds)."""
 
@@ -121,23 +144,62 @@ class RowMajorLinear(_DenseHeadLinear):
         return _rows_through_kernel(self, x, torch.ops.loraplex.row_major_linear, self.weight)
 
 
-def pack_for_cpu(model: nn.Module, panels: bool = False) -> int:
+class Q8Embedding(nn.Module):
+    """Token embeddings kept in Q8_0 blocks: the looked-up rows rebuilt in float32, exactly (engine/gguf_weights.py)."""
+
+    def __init__(self, rows: Q8Rows) -> None:
+        super().__init__()
+        self.codes = nn.Parameter(rows.codes, requires_grad=False)
+        self.scales = nn.Parameter(rows.scales, requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return Q8Rows(self.codes, self.scales).dequantize(ids)
+
+
+class Q8RowMajorLinear(nn.Module):
+    """The LM head tied to a ``Q8Embedding``, through ``loraplex::row_major_linear_q8``: the same logits as
+    ``RowMajorLinear`` over the dequantized weight, to the bit. It shares the embedding's parameters."""
+
+    def __init__(self, embedding: Q8Embedding) -> None:
+        super().__init__()
+        self.out_features, self.in_features = embedding.codes.shape
+        self.codes, self.scales = embedding.codes, embedding.scales
+        self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _rows_through_kernel(self, x, torch.ops.loraplex.row_major_linear_q8, self.codes, self.scales)
+
+
+def pack_for_cpu(
+    model: nn.Module,
+    panels: bool = False,
+    q4: dict[nn.Module, Q4Panels] | None = None,
+    q8_embeddings: Q8Rows | None = None,
+) -> int:
     """Swap the decoder's ``nn.Linear`` modules for packed ones and the LM head for one that reads its weight
     dense.
 
     ``panels``: the CPU kernels are loaded, so the projections become ``PanelLinear`` and the LM head
-    ``RowMajorLinear``; else ``PackedLinear`` and ``WeightFirstLinear``.
+    ``RowMajorLinear``; else ``PackedLinear`` and ``WeightFirstLinear``. ``q4``: with ``panels``, the
+    projections whose GGUF blocks were read (engine/gguf_weights.py) become ``Q4PanelLinear`` instead, and
+    ``q8_embeddings`` (tied embeddings read from Q8_0 blocks) become ``Q8Embedding`` and ``Q8RowMajorLinear``.
     Runs after the multi-LoRA layers are attached (their base layers are swapped too) and before any forward
     pass. Returns how many projections were packed.
     """
     packed_linear = PanelLinear if panels else PackedLinear
     decoder = model.get_decoder()
     linears = [(name, module) for name, module in decoder.named_modules() if type(module) is nn.Linear]
+    q4 = q4 if panels and q4 else {}
     for name, module in linears:
         parent_name, _, child = name.rpartition(".")
-        setattr(decoder.get_submodule(parent_name), child, packed_linear(module))
+        packed = Q4PanelLinear(module, q4[module]) if module in q4 else packed_linear(module)
+        setattr(decoder.get_submodule(parent_name), child, packed)
     lm_head = model.get_output_embeddings()
-    if type(lm_head) is nn.Linear:
+    if panels and q8_embeddings is not None:
+        embedding = Q8Embedding(q8_embeddings)
+        model.set_input_embeddings(embedding)
+        model.set_output_embeddings(Q8RowMajorLinear(embedding))
+    elif type(lm_head) is nn.Linear:
         model.set_output_embeddings((RowMajorLinear if panels else WeightFirstLinear)(lm_head))
     # transformers maps the safetensors file privately and the weights are views into it: the mapping, with
     # every page the packing read, stays resident while any tensor still points into it. Moving the tensors

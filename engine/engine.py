@@ -21,6 +21,7 @@ from engine.cpu_linear import pack_for_cpu, uses_packed_weights
 from engine.cpu_norm import swap_rms_norms
 from engine.detokenizer import Detokenizer
 from engine.errors import AdapterError, QueueFullError, RequestError, UnknownEndpointError
+from engine.gguf_weights import read_gguf_weights
 from engine.kv_cache import KVCache
 from engine.loader import LoadedModel, cache_root, load_model
 from engine.lora.config import LoRAAdapter
@@ -89,8 +90,11 @@ class LLMEngine:
         self.lora = LoRAManager(self.model, limits.max_loras, limits.max_lora_rank, dtype)
         kernels = cpu_kernels.wanted(config.model) and cpu_kernels.load(cache_root(config.model))
         if uses_packed_weights(config.model):
+            q4 = q8 = None
+            if kernels and config.model.gguf_weights and loaded.gguf_path is not None:
+                q4, q8 = read_gguf_weights(loaded.gguf_path, self.model)
             # after LoRA attaches (its base layers get packed too), before any forward
-            pack_for_cpu(self.model, panels=kernels)
+            pack_for_cpu(self.model, panels=kernels, q4=q4, q8_embeddings=q8)
         if kernels:
             swap_rms_norms(self.model)
         self.endpoint_adapters: dict[str, str | None] = {}  # endpoint -> adapter name (None = base)

@@ -32,6 +32,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     path: Path  # the safetensors directory it came from
     name: str
+    gguf_path: Path | None = None  # the GGUF file that directory was converted from, if any
 
 
 def cache_root(config: ModelConfig) -> Path:
@@ -75,19 +76,20 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def resolve_model_dir(config: ModelConfig) -> tuple[Path, str]:
-    """The safetensors directory to load, converting a GGUF file first when needed."""
+def resolve_model_dir(config: ModelConfig) -> tuple[Path, str, Path | None]:
+    """The safetensors directory to load (converting a GGUF file first when needed), its name, and the GGUF
+    file it came from (None for a safetensors directory)."""
     if not config.path:
         gguf = default_gguf_path()
-        return convert_gguf(gguf, cache_root(config) / "models" / DEFAULT_MODEL_NAME), DEFAULT_MODEL_NAME
+        return convert_gguf(gguf, cache_root(config) / "models" / DEFAULT_MODEL_NAME), DEFAULT_MODEL_NAME, gguf
     path = Path(config.path)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ConfigError(f"model.path = {config.path!r}: no such GGUF file")
-        return convert_gguf(path, cache_root(config) / "models" / path.stem), path.stem
+        return convert_gguf(path, cache_root(config) / "models" / path.stem), path.stem, path
     if not (path / "config.json").is_file():
         raise ConfigError(f"model.path = {config.path!r}: not a GGUF file or a directory with config.json")
-    return path, path.name
+    return path, path.name, None
 
 
 def quantization_config(config: ModelConfig):
@@ -108,7 +110,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
         torch.set_num_threads(config.num_threads)
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"model.device = {config.device!r} but no CUDA device is available")
-    model_dir, name = resolve_model_dir(config)
+    model_dir, name, gguf_path = resolve_model_dir(config)
     kwargs = {}
     quant = quantization_config(config)
     if quant is not None:
@@ -119,4 +121,4 @@ def load_model(config: ModelConfig) -> LoadedModel:
         model.to(config.device)
     model.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return LoadedModel(model=model, tokenizer=tokenizer, path=model_dir, name=name)
+    return LoadedModel(model=model, tokenizer=tokenizer, path=model_dir, name=name, gguf_path=gguf_path)

@@ -30,7 +30,7 @@ def test_quick_run_writes_json_table_and_plot(tmp_path: Path) -> None:
             "--quick",
             "--num-requests=3",
             "--output-len=4",
-            "--skip=copies,base-only,unpacked,torch-ops,thread-sweep",
+            "--skip=copies,base-only,float32-weights,unpacked,torch-ops,thread-sweep",
             "--threads=1",
             "--num-kv-blocks=128",
             f"--out={tmp_path}",

@@ -17,6 +17,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.cpu_linear import (
     PackedLinear,
     PanelLinear,
+    Q4PanelLinear,
     RowMajorLinear,
     WeightFirstLinear,
     pack_for_cpu,
@@ -190,13 +191,13 @@ def test_packing_applies_only_to_a_plain_float32_cpu_base(change: dict, expected
 
 
 def test_engine_greedy_tokens_are_the_same_packed_or_not(default_config: EngineConfig, engine: LLMEngine) -> None:
-    """The oracle suite runs with the kernels' panels (the default), and its portable-ops test with oneDNN's
-    packing; this pins the unpacked path to the same tokens."""
+    """The oracle suite runs with the kernels' panels over the GGUF file's blocks (the default), and its
+    portable-ops test with oneDNN's packing; this pins the unpacked path to the same tokens."""
     unpacked = LLMEngine(
         dataclasses.replace(default_config, model=dataclasses.replace(default_config.model, packed_weights=False))
     )
     assert not any(isinstance(m, (PackedLinear, PanelLinear)) for m in unpacked.model.modules())
-    assert any(isinstance(m, PanelLinear) for m in engine.model.modules())
+    assert any(isinstance(m, Q4PanelLinear) for m in engine.model.modules())  # the default: the GGUF's blocks
     prompts = [engine.tokenizer.encode(text) for text in ("def fibonacci(n):", "The capital of France is", "Hi")]
     requests = [
         Request(f"packed-{i}", endpoint, prompt, SamplingParams(max_tokens=24, ignore_eos=True))

@@ -10,6 +10,11 @@
 //
 // Every output element is the sum over k in the same order (256-deep slices, lane by lane) whatever the number
 // of rows, so a row's result does not depend on its batch companions.
+//
+// panel_linear_q4 takes a projection kept in a GGUF file's 4-bit blocks (engine/gguf_weights.py): it rebuilds
+// each 256-deep slice of a panel in float32 in an L1 buffer, exactly the values gguf's dequantization gives,
+// and runs the same tile code over it, so its outputs equal panel_linear's on the dequantized weight to the
+// bit while it reads 6 bits a weight from memory instead of 32.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -20,6 +25,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "vec8.h"
 
@@ -95,7 +101,9 @@ inline void any_tile(int64_t rows, const float* x, int64_t ldx, const float* pan
 // memory order, so that is the data it needs next. Without it the memory sat idle while the other tiles reused
 // the slice from L1. Over the default model's 210 projections (one-off interleaved timing) the two changes
 // took 0.84-0.95x the time at 4-20 rows, and the same at 1-2 and 32-48 rows.
-void rows_over_panel(const float* x, int64_t ldx, const float* panel, int64_t depth, float* y, int64_t ldy,
+// Not inlined: both kernels run this one copy of the machine code, which is what makes them equal to the bit
+// (-ffast-math would let two inlined copies sum differently).
+__attribute__((noinline)) void rows_over_panel(const float* x, int64_t ldx, const float* panel, int64_t depth, float* y, int64_t ldy,
                      int64_t cols, int64_t rows, bool accumulate) {
   const int64_t tiles = (rows + 5) / 6;
   int64_t r = 0;
@@ -129,33 +137,34 @@ at::Tensor pack_linear_weight(const at::Tensor& weight) {  // [N, K] -> [ceil(N 
   return packed;
 }
 
-at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu() && x.dim() == 2,
-              "panel_linear: x must be a contiguous 2-D float32 CPU tensor [rows, in_features]");
-  TORCH_CHECK(packed.scalar_type() == at::kFloat && packed.is_contiguous() && packed.dim() == 3 &&
-                  packed.size(2) == kCols,
-              "panel_linear: the weight must come from pack_linear_weight");
-  const int64_t rows = x.size(0), depth = x.size(1), panels = packed.size(0);
-  TORCH_CHECK(packed.size(1) == depth, "panel_linear: x has ", depth, " features, the weight expects ",
-              packed.size(1));
-  TORCH_CHECK(out_features > (panels - 1) * kCols && out_features <= panels * kCols,
-              "panel_linear: out_features ", out_features, " does not match ", panels, " panels");
+// y = x @ W.T, W given slice by slice: slice_of(p, k0, depth, scratch) returns panel p's rows k0 .. k0 + depth
+// ([depth][16] floats), in place or written into the thread's 16 KB scratch.
+template <typename SliceOf>
+at::Tensor over_panels(const char* op, const at::Tensor& x, int64_t depth, int64_t panels, int64_t out_features,
+                       SliceOf slice_of) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu() && x.dim() == 2, op,
+              ": x must be a contiguous 2-D float32 CPU tensor [rows, in_features]");
+  TORCH_CHECK(x.size(1) == depth, op, ": x has ", x.size(1), " features, the weight expects ", depth);
+  TORCH_CHECK(out_features > (panels - 1) * kCols && out_features <= panels * kCols, op, ": out_features ",
+              out_features, " does not match ", panels, " panels");
+  const int64_t rows = x.size(0);
   at::Tensor y = at::empty({rows, out_features}, x.options());
   if (rows == 0) return y;
   const float* xs = x.data_ptr<float>();
-  const float* ws = packed.data_ptr<float>();
   float* ys = y.data_ptr<float>();
   // Row blocks of equal size (a multiple of the 6-row tile, at most kRowBlock, so every block has rows), jobs
   // ordered panel by panel: the threads' shares of the work are even whatever the row count.
   const int64_t row_blocks = (rows + kRowBlock - 1) / kRowBlock;
   const int64_t block_rows = ((rows + row_blocks - 1) / row_blocks + 5) / 6 * 6;
   at::parallel_for(0, row_blocks * panels, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float scratch[kDepth * kCols];
     for (int64_t job = begin; job < end; ++job) {
       const int64_t p = job / row_blocks, block = job % row_blocks;
       const int64_t r0 = block * block_rows, nrows = std::min(block_rows, rows - r0);
       const int64_t cols = std::min(kCols, out_features - p * kCols);
       for (int64_t k0 = 0; k0 < depth; k0 += kDepth) {
-        rows_over_panel(xs + r0 * depth + k0, depth, ws + (p * depth + k0) * kCols, std::min(kDepth, depth - k0),
+        const int64_t slice_depth = std::min(kDepth, depth - k0);
+        rows_over_panel(xs + r0 * depth + k0, depth, slice_of(p, k0, slice_depth, scratch), slice_depth,
                         ys + r0 * out_features + p * kCols, out_features, cols, nrows, k0 > 0);
       }
     }
@@ -163,14 +172,83 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t o
   return y;
 }
 
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
+  TORCH_CHECK(packed.scalar_type() == at::kFloat && packed.is_contiguous() && packed.dim() == 3 &&
+                  packed.size(2) == kCols,
+              "panel_linear: the weight must come from pack_linear_weight");
+  const int64_t depth = packed.size(1);
+  const float* ws = packed.data_ptr<float>();
+  return over_panels("panel_linear", x, depth, packed.size(0), out_features,
+                     [&](int64_t p, int64_t k0, int64_t, float*) { return ws + (p * depth + k0) * kCols; });
+}
+
+constexpr int64_t kBlock = 32;  // weights per GGUF block: one scale and one minimum per column
+static_assert(kDepth % kBlock == 0, "a slice holds whole blocks");
+
+// Panel p's rows k0 .. k0 + depth, rebuilt in float32: w = scale * code + minimum. scale * code is exact in
+// float32 (a half-precision scale times a 4-bit integer), so the sum rounds once, fused or not: the value gguf's
+// numpy dequantization computes.
+typedef uint8_t u8x8 __attribute__((vector_size(8)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+// Through 32-bit integers: GCC turns these conversions into vector zero-extensions, where it converts bytes
+// straight to floats one lane at a time, through general registers.
+inline f8 to_floats(u8x8 codes) { return __builtin_convertvector(__builtin_convertvector(codes, i32x8), f8); }
+
+void dequantize_slice(const uint8_t* __restrict__ codes, const float* __restrict__ scales,
+                      const float* __restrict__ minimums, int64_t depth, float* __restrict__ out) {
+  for (int64_t b = 0; b < depth / kBlock; ++b) {
+    const f8 scale_lo = load8(scales + b * kCols), scale_hi = load8(scales + b * kCols + 8);
+    const f8 min_lo = load8(minimums + b * kCols), min_hi = load8(minimums + b * kCols + 8);
+    for (int64_t j = 0; j < kBlock / 2; ++j) {  // one byte per column holds the codes of two k
+      const uint8_t* pair = codes + (b * kBlock / 2 + j) * kCols;
+      u8x8 lo, hi;  // columns 0-7 and 8-15
+      std::memcpy(&lo, pair, sizeof lo);
+      std::memcpy(&hi, pair + 8, sizeof hi);
+      float* even = out + (b * kBlock + 2 * j) * kCols;
+      float* odd = even + kCols;
+      store8(even, scale_lo * to_floats(lo & 0x0F) + min_lo);
+      store8(even + 8, scale_hi * to_floats(hi & 0x0F) + min_hi);
+      store8(odd, scale_lo * to_floats(lo >> 4) + min_lo);
+      store8(odd + 8, scale_hi * to_floats(hi >> 4) + min_hi);
+    }
+  }
+}
+
+at::Tensor panel_linear_q4(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                           const at::Tensor& minimums, int64_t out_features) {
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 3 &&
+                  codes.size(2) == kCols,
+              "panel_linear_q4: codes must be uint8 [panels, in_features / 2, 16] (engine/gguf_weights.py)");
+  const int64_t panels = codes.size(0), depth = codes.size(1) * 2;
+  TORCH_CHECK(depth % kBlock == 0, "panel_linear_q4: in_features ", depth, " is not a multiple of ", kBlock);
+  for (const at::Tensor* t : {&scales, &minimums}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3 && t->size(0) == panels &&
+                    t->size(1) == depth / kBlock && t->size(2) == kCols,
+                "panel_linear_q4: scales and minimums must be float32 [panels, in_features / 32, 16]");
+  }
+  const uint8_t* cs = codes.data_ptr<uint8_t>();
+  const float* ss = scales.data_ptr<float>();
+  const float* ms = minimums.data_ptr<float>();
+  return over_panels("panel_linear_q4", x, depth, panels, out_features,
+                     [&](int64_t p, int64_t k0, int64_t slice_depth, float* scratch) {
+                       const int64_t block0 = (p * depth + k0) / kBlock;
+                       dequantize_slice(cs + (p * depth + k0) / 2 * kCols, ss + block0 * kCols,
+                                        ms + block0 * kCols, slice_depth, scratch);
+                       return static_cast<const float*>(scratch);
+                     });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(loraplex, m) {
   m.def("pack_linear_weight(Tensor weight) -> Tensor");
   m.def("panel_linear(Tensor x, Tensor packed, int out_features) -> Tensor");
+  m.def("panel_linear_q4(Tensor x, Tensor codes, Tensor scales, Tensor minimums, int out_features) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(loraplex, CPU, m) {
   m.impl("pack_linear_weight", pack_linear_weight);
   m.impl("panel_linear", panel_linear);
+  m.impl("panel_linear_q4", panel_linear_q4);
 }

@@ -8,6 +8,11 @@
 //
 // Every output is summed in one order (lane-wise over k, then the lanes, then the tail of k beyond a multiple
 // of 8) whatever the number of rows, so a row's logits do not depend on its batch companions.
+//
+// row_major_linear_q8 takes the weight in a GGUF file's 8-bit blocks (Q8_0: w = scale * code, 32 codes a
+// scale; engine/gguf_weights.py): each group of 4 weight rows is rebuilt in float32 in a small buffer, exactly
+// the values gguf's dequantization gives, and the same group code runs over it, so its logits equal
+// row_major_linear's on the dequantized weight to the bit.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -17,6 +22,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "vec8.h"
 
@@ -74,12 +80,13 @@ inline void tile(const float* x, const float* const* w_rows, float* y, int64_t d
 // weight rows (the next 4 rows in memory, what this thread reads next): with many input rows the weights are
 // read from cache most of the time, and without the prefetch the memory sat idle then (one-off interleaved
 // timing on the default LM head: 0.87-0.91x the time at 1-8 rows, 0.95-0.98x at 16-48).
-void weight_group(const float* x, const float* w, float* y, int64_t n0, int64_t out_features, int64_t rows,
-                  int64_t depth) {
-  const float* w_rows[kWeightRows];
-  for (int64_t i = 0; i < kWeightRows; ++i) w_rows[i] = w + std::min(n0 + i, out_features - 1) * depth;
+//
+// Not inlined: both kernels run this one copy of the machine code, which is what makes them equal to the bit
+// (-ffast-math would let two inlined copies sum differently).
+__attribute__((noinline)) void weight_group(const float* x, const float* const* w_rows, const float* next,
+                                            float* y, int64_t n0, int64_t out_features, int64_t rows,
+                                            int64_t depth) {
   const int w_valid = static_cast<int>(std::min<int64_t>(kWeightRows, out_features - n0));
-  const float* next = n0 + 2 * kWeightRows <= out_features ? w + (n0 + kWeightRows) * depth : nullptr;
   float* yn = y + n0;
   int64_t r = 0;
   for (; r + kInputRows <= rows; r += kInputRows) {
@@ -95,33 +102,95 @@ void weight_group(const float* x, const float* w, float* y, int64_t n0, int64_t 
   }
 }
 
-at::Tensor row_major_linear(const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu() && x.dim() == 2,
-              "row_major_linear: x must be a contiguous 2-D float32 CPU tensor [rows, in_features]");
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.device().is_cpu() &&
-                  weight.dim() == 2,
-              "row_major_linear: the weight must be a contiguous 2-D float32 CPU tensor [out_features, in_features]");
-  const int64_t rows = x.size(0), depth = x.size(1), out_features = weight.size(0);
-  TORCH_CHECK(weight.size(1) == depth, "row_major_linear: x has ", depth, " features, the weight expects ",
-              weight.size(1));
+// Checks x against a weight of ``out_features`` rows of ``depth``; y = x @ W.T by weight groups, each given as
+// its 4 row pointers by rows_of(n0, scratch) (in place, or written into the thread's scratch of 4 rows).
+template <typename RowsOf>
+at::Tensor over_weight_groups(const char* op, const at::Tensor& x, int64_t depth, int64_t out_features,
+                              RowsOf rows_of) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu() && x.dim() == 2, op,
+              ": x must be a contiguous 2-D float32 CPU tensor [rows, in_features]");
+  TORCH_CHECK(x.size(1) == depth, op, ": x has ", x.size(1), " features, the weight expects ", depth);
+  const int64_t rows = x.size(0);
   at::Tensor y = at::empty({rows, out_features}, x.options());
   if (rows == 0) return y;
   const float* xs = x.data_ptr<float>();
-  const float* ws = weight.data_ptr<float>();
   float* ys = y.data_ptr<float>();
   const int64_t groups = (out_features + kWeightRows - 1) / kWeightRows;
   at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) weight_group(xs, ws, ys, g * kWeightRows, out_features, rows, depth);
+    std::vector<float> scratch;
+    for (int64_t g = begin; g < end; ++g) {
+      const float* w_rows[kWeightRows];
+      const float* next = rows_of(g * kWeightRows, w_rows, scratch);
+      weight_group(xs, w_rows, next, ys, g * kWeightRows, out_features, rows, depth);
+    }
   });
   return y;
+}
+
+at::Tensor row_major_linear(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.device().is_cpu() &&
+                  weight.dim() == 2,
+              "row_major_linear: the weight must be a contiguous 2-D float32 CPU tensor [out_features, in_features]");
+  const int64_t depth = weight.size(1), out_features = weight.size(0);
+  const float* ws = weight.data_ptr<float>();
+  // The last group of a width that is not a multiple of 4 repeats its last row (and writes only the real ones).
+  return over_weight_groups("row_major_linear", x, depth, out_features,
+                            [&](int64_t n0, const float** w_rows, std::vector<float>&) {
+                              for (int64_t i = 0; i < kWeightRows; ++i) {
+                                w_rows[i] = ws + std::min(n0 + i, out_features - 1) * depth;
+                              }
+                              return n0 + 2 * kWeightRows <= out_features ? ws + (n0 + kWeightRows) * depth
+                                                                          : nullptr;
+                            });
+}
+
+constexpr int64_t kBlock = 32;  // codes per Q8_0 scale
+
+// Weight rows n0 .. n0 + 3 of a Q8_0 weight, rebuilt in float32 into scratch: scale * code is exact (a
+// half-precision scale times an 8-bit integer), the value gguf's numpy dequantization computes.
+const float* dequantize_group(const int8_t* codes, const float* scales, int64_t n0, int64_t out_features,
+                              int64_t depth, const float** w_rows, std::vector<float>& scratch) {
+  scratch.resize(kWeightRows * depth);
+  for (int64_t i = 0; i < kWeightRows; ++i) {
+    const int64_t n = std::min(n0 + i, out_features - 1);
+    float* __restrict__ row = scratch.data() + i * depth;
+    const int8_t* __restrict__ code = codes + n * depth;
+    const float* __restrict__ scale = scales + n * (depth / kBlock);
+    // a plain loop: GCC vectorises it, sign extension included (its vector-extension conversion of signed
+    // bytes goes one lane at a time, through general registers)
+    for (int64_t b = 0; b < depth / kBlock; ++b) {
+      const float s = scale[b];
+      for (int64_t j = 0; j < kBlock; ++j) row[b * kBlock + j] = s * static_cast<float>(code[b * kBlock + j]);
+    }
+    w_rows[i] = row;
+  }
+  return nullptr;
+}
+
+at::Tensor row_major_linear_q8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
+  TORCH_CHECK(codes.scalar_type() == at::kChar && codes.is_contiguous() && codes.device().is_cpu() &&
+                  codes.dim() == 2 && codes.size(1) % kBlock == 0,
+              "row_major_linear_q8: codes must be int8 [out_features, in_features], in_features a multiple of 32");
+  const int64_t depth = codes.size(1), out_features = codes.size(0);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() == 2 &&
+                  scales.size(0) == out_features && scales.size(1) == depth / kBlock,
+              "row_major_linear_q8: scales must be float32 [out_features, in_features / 32]");
+  const int8_t* cs = codes.data_ptr<int8_t>();
+  const float* ss = scales.data_ptr<float>();
+  return over_weight_groups("row_major_linear_q8", x, depth, out_features,
+                            [&](int64_t n0, const float** w_rows, std::vector<float>& scratch) {
+                              return dequantize_group(cs, ss, n0, out_features, depth, w_rows, scratch);
+                            });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(loraplex, m) {
   m.def("row_major_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("row_major_linear_q8(Tensor x, Tensor codes, Tensor scales) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(loraplex, CPU, m) {
   m.impl("row_major_linear", row_major_linear);
+  m.impl("row_major_linear_q8", row_major_linear_q8);
 }

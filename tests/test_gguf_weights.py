@@ -1,0 +1,224 @@
+"""Projections kept in the GGUF file's 4-bit blocks (engine/gguf_weights.py, ``panel_linear_q4``).
+
+The claim is exactness: the blocks are used only where they reproduce the loaded float32 weight, and the
+kernel's outputs equal the float32 panel kernel's on that weight to the bit, so nothing downstream can move.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from engine import cpu_kernels
+from engine.config import EngineConfig, ModelConfig
+from engine.cpu_linear import (
+    PanelLinear,
+    Q4PanelLinear,
+    Q8Embedding,
+    Q8RowMajorLinear,
+    RowMajorLinear,
+)
+from engine.engine import LLMEngine
+from engine.gguf_weights import (
+    Q8Rows,
+    _dequantize,
+    _unpack_blocks,
+    q4_panels,
+    read_q4_projections,
+    read_q8_tied_embeddings,
+)
+from engine.loader import load_model
+from engine.sequence import Request, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory) -> None:
+    assert cpu_kernels.load(tmp_path_factory.mktemp("cache")), "the CPU kernels did not build"
+
+
+def random_blocks(rows: int, in_features: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes 0..15 and half-precision scales and minimums, as a GGUF file holds them."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 16, (rows, in_features), dtype=np.uint8)
+    groups = (rows, in_features // 32)
+    scales = (rng.standard_normal(groups) * 0.01).astype(np.float16).astype(np.float32)
+    minimums = (rng.standard_normal(groups) * 0.05).astype(np.float16).astype(np.float32)
+    return codes, scales, minimums
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(
+    ("rows", "in_features", "out_features"),
+    # one tile of each height, even tiles, several row blocks; 288 and 1536 features: a partial 256-deep
+    # slice and six full ones; 37 and 200 outputs: a partial last panel
+    [(1, 576, 1536), (2, 576, 192), (3, 1536, 576), (4, 32, 48), (5, 288, 37), (6, 576, 576), (7, 576, 200),
+     (13, 64, 1000), (97, 288, 37), (200, 576, 48)],
+)  # fmt: skip
+def test_q4_panels_give_the_float32_panels_outputs_to_the_bit(
+    kernels, rows: int, in_features: int, out_features: int, bias: bool
+) -> None:
+    panels = q4_panels(*random_blocks(out_features, in_features, seed=rows))
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(panels.dequantize())
+    x = torch.randn(rows, in_features)
+    q4 = Q4PanelLinear(linear, panels)(x)
+    assert torch.equal(q4, PanelLinear(linear)(x))
+    torch.testing.assert_close(q4, linear(x), rtol=1e-4, atol=1e-4)
+    assert Q4PanelLinear(linear, panels)(x[:0]).shape == (0, out_features)
+
+
+def test_q4_panel_linear_refuses_mismatched_shapes(kernels) -> None:
+    panels = q4_panels(*random_blocks(48, 64, seed=0))
+    with pytest.raises(RuntimeError, match="x has 32 features, the weight expects 64"):
+        torch.ops.loraplex.panel_linear_q4(torch.zeros(2, 32), panels.codes, panels.scales, panels.minimums, 48)
+    with pytest.raises(RuntimeError, match="scales and minimums must be float32"):
+        torch.ops.loraplex.panel_linear_q4(torch.zeros(2, 64), panels.codes, panels.scales[:, :1], panels.minimums, 48)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_unpacked_blocks_dequantize_as_gguf_does(kind: str) -> None:
+    rng = np.random.default_rng(1)
+    rows, blocks, size = 24, 6, 18 if kind == "Q4_0" else 20
+    raw = rng.integers(0, 256, (rows, blocks, size), dtype=np.uint8)
+    halves = 1 if kind == "Q4_0" else 2  # the scale, then for Q4_1 the minimum
+    raw[..., : 2 * halves] = (rng.standard_normal((rows, blocks, halves)) * 0.02).astype(np.float16).view(np.uint8)
+    raw = raw.reshape(rows, blocks * size)
+    expected = dequantize(raw, GGMLQuantizationType[kind])
+    assert np.array_equal(_dequantize(*_unpack_blocks(raw, kind)), expected)
+
+
+def test_panels_hold_the_blocks_they_were_made_from() -> None:
+    codes, scales, minimums = random_blocks(37, 96, seed=2)  # 37 outputs: three panels, the last padded
+    panels = q4_panels(codes, scales, minimums)
+    assert panels.codes.shape == (3, 48, 16) and panels.scales.shape == (3, 3, 16)
+    assert np.array_equal(panels.dequantize().numpy(), _dequantize(codes, scales, minimums))
+
+
+def random_q8(rows: int, features: int, seed: int) -> Q8Rows:
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(-128, 128, (rows, features), dtype=np.int8)
+    scales = (rng.standard_normal((rows, features // 32)) * 0.01).astype(np.float16).astype(np.float32)
+    return Q8Rows(torch.from_numpy(codes), torch.from_numpy(scales))
+
+
+@pytest.mark.parametrize(
+    ("rows", "in_features", "out_features"),
+    # 1-4 and 7 rows: tiles of 1, 2 and 3 input rows; 7 and 1001 outputs: a last group of 4 weight rows that
+    # repeats its last row; 544 features: a tail of k that is not a multiple of 8 in no case (blocks of 32)
+    [(1, 576, 1001), (2, 32, 7), (3, 576, 64), (4, 544, 1000), (7, 64, 4097)],
+)
+def test_q8_lm_head_gives_the_float32_logits_to_the_bit(kernels, rows: int, in_features: int, out_features: int):
+    q8 = random_q8(out_features, in_features, seed=rows)
+    weight = q8.dequantize()
+    embedding = Q8Embedding(q8)
+    head = Q8RowMajorLinear(embedding)
+    assert head.codes is embedding.codes
+    x = torch.randn(rows, in_features)
+    dense = RowMajorLinear(nn.Linear(in_features, out_features, bias=False))
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+    assert torch.equal(head(x), dense(x))
+    torch.testing.assert_close(head(x), x @ weight.T, rtol=1e-4, atol=1e-4)
+    ids = torch.randint(0, out_features, (2, 5))
+    assert torch.equal(embedding(ids), torch.nn.functional.embedding(ids, weight))
+
+
+def test_q8_rows_dequantize_as_gguf_does() -> None:
+    q8 = random_q8(5, 64, seed=3)
+    raw = np.concatenate(
+        [
+            q8.scales.numpy().astype(np.float16)[..., None].view(np.uint8),
+            q8.codes.numpy().reshape(5, 2, 32).view(np.uint8),
+        ],
+        axis=-1,
+    ).reshape(5, -1)  # the file's blocks: a float16 scale, then 32 codes
+    assert np.array_equal(q8.dequantize().numpy(), dequantize(raw, GGMLQuantizationType.Q8_0))
+
+
+@pytest.fixture(scope="module")
+def loaded(default_config: EngineConfig):
+    return load_model(default_config.model)
+
+
+@pytest.fixture(scope="module")
+def gguf_tensors(loaded) -> list:
+    return GGUFReader(loaded.gguf_path).tensors
+
+
+def test_the_default_models_tied_embeddings_are_read_exactly(loaded, gguf_tensors) -> None:
+    rows = read_q8_tied_embeddings(gguf_tensors, loaded.model)
+    assert rows is not None
+    assert torch.equal(rows.dequantize(), loaded.model.get_input_embeddings().weight)
+    untied = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=64, tie_word_embeddings=False))  # fmt: skip
+    assert read_q8_tied_embeddings(gguf_tensors, untied) is None
+
+
+def test_every_projection_of_the_default_model_is_read_exactly(loaded, gguf_tensors) -> None:
+    q4 = read_q4_projections(gguf_tensors, loaded.model)
+    linears = [m for m in loaded.model.get_decoder().modules() if type(m) is nn.Linear]
+    assert len(linears) == 30 * 7 and set(q4) == set(linears)
+    for linear, panels in q4.items():
+        assert torch.equal(panels.dequantize(), linear.weight)
+
+
+def test_a_projection_that_does_not_match_its_blocks_stays_float32(loaded, gguf_tensors, caplog) -> None:
+    down = loaded.model.get_decoder().layers[3].mlp.down_proj
+    original = down.weight[5, 7].item()
+    with torch.no_grad():
+        down.weight[5, 7] = original + 1e-3
+    try:
+        with caplog.at_level(logging.INFO, logger="engine.gguf_weights"):
+            q4 = read_q4_projections(gguf_tensors, loaded.model)
+    finally:
+        with torch.no_grad():
+            down.weight[5, 7] = original
+    assert down not in q4 and len(q4) == 30 * 7 - 1
+    assert "1 Q4_1 blocks not equal to the loaded weight" in caplog.text
+
+
+def test_engine_tokens_and_memory_with_q4_projections(
+    default_config: EngineConfig, engine: LLMEngine, make_engine
+) -> None:
+    """The default engine keeps the GGUF file's blocks; float32 weights give the same greedy tokens from more
+    than 5x the projection memory (3x the whole model's)."""
+    float32 = make_engine(model={"gguf_weights": False})
+    assert sum(isinstance(m, Q4PanelLinear) for m in engine.model.modules()) == 210
+    assert isinstance(engine.model.get_input_embeddings(), Q8Embedding)
+    assert isinstance(engine.model.get_output_embeddings(), Q8RowMajorLinear)
+    assert not any(isinstance(m, (Q4PanelLinear, Q8Embedding)) for m in float32.model.modules())
+
+    def projection_bytes(e: LLMEngine) -> int:
+        modules = [m for m in e.model.modules() if isinstance(m, (PanelLinear, Q4PanelLinear))]
+        return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+    def model_bytes(e: LLMEngine) -> int:
+        return sum(p.numel() * p.element_size() for p in e.model.parameters())
+
+    assert projection_bytes(float32) > 5 * projection_bytes(engine)
+    assert model_bytes(float32) > 3 * model_bytes(engine)
+    prompts = [engine.tokenizer.encode(t) for t in ("def fibonacci(n):", "Summarize: the cat sat.", "Hi", "1, 2,")]
+    requests = [
+        Request(f"q4-{i}", endpoint, prompt, SamplingParams(max_tokens=24, ignore_eos=True))
+        for i, (endpoint, prompt) in enumerate(zip(["base", "chatbot", "code", "summarization"], prompts, strict=True))
+    ]
+    expected = float32.generate(requests)
+    got = engine.generate([dataclasses.replace(r) for r in requests])
+    for request_id, outputs in expected.items():
+        assert [t for o in got[request_id] for t in o.new_token_ids] == [t for o in outputs for t in o.new_token_ids]
+
+
+def test_gguf_weights_setting_is_a_bool() -> None:
+    from engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model\.gguf_weights"):
+        ModelConfig(gguf_weights="yes")
