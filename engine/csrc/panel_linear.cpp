@@ -188,29 +188,27 @@ static_assert(kDepth % kBlock == 0, "a slice holds whole blocks");
 // Panel p's rows k0 .. k0 + depth, rebuilt in float32: w = scale * code + minimum. scale * code is exact in
 // float32 (a half-precision scale times a 4-bit integer), so the sum rounds once, fused or not: the value gguf's
 // numpy dequantization computes.
-typedef uint8_t u8x8 __attribute__((vector_size(8)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
+// One panel row (16 columns) per vector: a 512-bit register where the CPU has them, two 256-bit ones elsewhere.
+typedef float f16v __attribute__((vector_size(64)));
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
 
 // Through 32-bit integers: GCC turns these conversions into vector zero-extensions, where it converts bytes
 // straight to floats one lane at a time, through general registers.
-inline f8 to_floats(u8x8 codes) { return __builtin_convertvector(__builtin_convertvector(codes, i32x8), f8); }
+inline f16v to_floats(u8x16 codes) { return __builtin_convertvector(__builtin_convertvector(codes, i32x16), f16v); }
 
 void dequantize_slice(const uint8_t* __restrict__ codes, const float* __restrict__ scales,
                       const float* __restrict__ minimums, int64_t depth, float* __restrict__ out) {
   for (int64_t b = 0; b < depth / kBlock; ++b) {
-    const f8 scale_lo = load8(scales + b * kCols), scale_hi = load8(scales + b * kCols + 8);
-    const f8 min_lo = load8(minimums + b * kCols), min_hi = load8(minimums + b * kCols + 8);
+    f16v scale, minimum;
+    std::memcpy(&scale, scales + b * kCols, sizeof scale);
+    std::memcpy(&minimum, minimums + b * kCols, sizeof minimum);
     for (int64_t j = 0; j < kBlock / 2; ++j) {  // one byte per column holds the codes of two k
-      const uint8_t* pair = codes + (b * kBlock / 2 + j) * kCols;
-      u8x8 lo, hi;  // columns 0-7 and 8-15
-      std::memcpy(&lo, pair, sizeof lo);
-      std::memcpy(&hi, pair + 8, sizeof hi);
-      float* even = out + (b * kBlock + 2 * j) * kCols;
-      float* odd = even + kCols;
-      store8(even, scale_lo * to_floats(lo & 0x0F) + min_lo);
-      store8(even + 8, scale_hi * to_floats(hi & 0x0F) + min_hi);
-      store8(odd, scale_lo * to_floats(lo >> 4) + min_lo);
-      store8(odd + 8, scale_hi * to_floats(hi >> 4) + min_hi);
+      u8x16 pair;
+      std::memcpy(&pair, codes + (b * kBlock / 2 + j) * kCols, sizeof pair);
+      const f16v even = scale * to_floats(pair & 0x0F) + minimum, odd = scale * to_floats(pair >> 4) + minimum;
+      std::memcpy(out + (b * kBlock + 2 * j) * kCols, &even, sizeof even);
+      std::memcpy(out + (b * kBlock + 2 * j + 1) * kCols, &odd, sizeof odd);
     }
   }
 }
