@@ -17,7 +17,7 @@ from engine import cpu_kernels, triton_decode, triton_norm
 from engine.attention import register_paged_attention
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.cpu_linear import pack_for_cpu, uses_packed_weights
+from engine.cpu_linear import pack_for_cpu, return_freed_memory, uses_packed_weights
 from engine.cpu_norm import swap_rms_norms
 from engine.detokenizer import Detokenizer
 from engine.errors import AdapterError, QueueFullError, RequestError, UnknownEndpointError
@@ -90,11 +90,9 @@ class LLMEngine:
         self.lora = LoRAManager(self.model, limits.max_loras, limits.max_lora_rank, dtype)
         kernels = cpu_kernels.wanted(config.model) and cpu_kernels.load(cache_root(config.model))
         if uses_packed_weights(config.model):
-            q4 = q8 = None
-            if kernels and config.model.gguf_weights and loaded.gguf_path is not None:
-                q4, q8 = read_gguf_weights(loaded.gguf_path, self.model)
             # after LoRA attaches (its base layers get packed too), before any forward
-            pack_for_cpu(self.model, panels=kernels, q4=q4, q8_embeddings=q8)
+            self._pack_weights(kernels, loaded)
+            return_freed_memory()
         if kernels:
             swap_rms_norms(self.model)
         self.endpoint_adapters: dict[str, str | None] = {}  # endpoint -> adapter name (None = base)
@@ -137,6 +135,14 @@ class LLMEngine:
         self.eos_token_ids = self._eos_token_ids()
         self.tracked: dict[str, _Tracked] = {}
         self.stats = EngineStats(kv_blocks_total=limits.num_kv_blocks)
+
+    def _pack_weights(self, kernels: bool, loaded: LoadedModel) -> None:
+        """Float32 on the CPU: the projections and LM head in the kernels' layouts (or oneDNN's), a GGUF base's
+        from the file's own blocks where they reproduce the weights exactly (engine/gguf_weights.py)."""
+        q4 = q8 = None
+        if kernels and self.config.model.gguf_weights and loaded.gguf_path is not None:
+            q4, q8 = read_gguf_weights(loaded.gguf_path, self.model)
+        pack_for_cpu(self.model, panels=kernels, q4=q4, q8_embeddings=q8)
 
     def _use_triton_kernels(self, dtype: torch.dtype, text_config, head_dim: int) -> None:
         """CUDA: decode attention and RMSNorm through the Triton kernels, each after a check against torch on this
