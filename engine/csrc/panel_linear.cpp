@@ -34,6 +34,9 @@ namespace {
 constexpr int64_t kCols = 16;       // output columns per panel
 constexpr int64_t kDepth = 256;     // k per slice: a 16 KB panel slice stays in L1
 constexpr int64_t kRowBlock = 96;   // rows per block handed to one thread: their slice of x stays in L2
+// panel_linear_q4 rebuilds a slice once per row block: larger blocks (a 384 KB slice of x, still in L2 here)
+// rebuild it less often in a prefill step
+constexpr int64_t kRowBlockQ4 = 384;
 
 using loraplex::f8;
 using loraplex::load8;
@@ -141,7 +144,7 @@ at::Tensor pack_linear_weight(const at::Tensor& weight) {  // [N, K] -> [ceil(N 
 // ([depth][16] floats), in place or written into the thread's 16 KB scratch.
 template <typename SliceOf>
 at::Tensor over_panels(const char* op, const at::Tensor& x, int64_t depth, int64_t panels, int64_t out_features,
-                       SliceOf slice_of) {
+                       int64_t max_block_rows, SliceOf slice_of) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu() && x.dim() == 2, op,
               ": x must be a contiguous 2-D float32 CPU tensor [rows, in_features]");
   TORCH_CHECK(x.size(1) == depth, op, ": x has ", x.size(1), " features, the weight expects ", depth);
@@ -152,9 +155,9 @@ at::Tensor over_panels(const char* op, const at::Tensor& x, int64_t depth, int64
   if (rows == 0) return y;
   const float* xs = x.data_ptr<float>();
   float* ys = y.data_ptr<float>();
-  // Row blocks of equal size (a multiple of the 6-row tile, at most kRowBlock, so every block has rows), jobs
-  // ordered panel by panel: the threads' shares of the work are even whatever the row count.
-  const int64_t row_blocks = (rows + kRowBlock - 1) / kRowBlock;
+  // Row blocks of equal size (a multiple of the 6-row tile, at most max_block_rows, so every block has rows),
+  // jobs ordered panel by panel: the threads' shares of the work are even whatever the row count.
+  const int64_t row_blocks = (rows + max_block_rows - 1) / max_block_rows;
   const int64_t block_rows = ((rows + row_blocks - 1) / row_blocks + 5) / 6 * 6;
   at::parallel_for(0, row_blocks * panels, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float scratch[kDepth * kCols];
@@ -178,7 +181,7 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t o
               "panel_linear: the weight must come from pack_linear_weight");
   const int64_t depth = packed.size(1);
   const float* ws = packed.data_ptr<float>();
-  return over_panels("panel_linear", x, depth, packed.size(0), out_features,
+  return over_panels("panel_linear", x, depth, packed.size(0), out_features, kRowBlock,
                      [&](int64_t p, int64_t k0, int64_t, float*) { return ws + (p * depth + k0) * kCols; });
 }
 
@@ -228,7 +231,7 @@ at::Tensor panel_linear_q4(const at::Tensor& x, const at::Tensor& codes, const a
   const uint8_t* cs = codes.data_ptr<uint8_t>();
   const float* ss = scales.data_ptr<float>();
   const float* ms = minimums.data_ptr<float>();
-  return over_panels("panel_linear_q4", x, depth, panels, out_features,
+  return over_panels("panel_linear_q4", x, depth, panels, out_features, kRowBlockQ4,
                      [&](int64_t p, int64_t k0, int64_t slice_depth, float* scratch) {
                        const int64_t block0 = (p * depth + k0) / kBlock;
                        dequantize_slice(cs + (p * depth + k0) / 2 * kCols, ss + block0 * kCols,
