@@ -39,9 +39,9 @@ class ModelConfig:
     # kernels compiled on first use (engine/cpu_kernels.py); false, or a machine that cannot build them, uses
     # the portable torch ops
     cpu_kernels: bool = True
-    # with the CPU kernels and a GGUF base: keep each projection in the file's own 4-bit blocks (Q4_0, Q4_1)
-    # when they reproduce its float32 weight exactly; same outputs to the bit, a fifth of the memory
-    # (engine/gguf_weights.py). False dequantizes them to float32 panels
+    # with the CPU kernels and a GGUF base: keep the projections (Q4_0, Q4_1) and tied embeddings (Q8_0) in the
+    # file's own blocks where these reproduce the float32 weights exactly; the same outputs to the bit from about
+    # a fifth of the memory (engine/gguf_weights.py). False computes on the float32 weights
     gguf_weights: bool = True
     # CUDA: decode attention through the Triton kernel that reads the paged cache in place
     # (engine/triton_decode.py) and RMSNorm in one Triton kernel (engine/triton_norm.py), each checked against

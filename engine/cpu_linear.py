@@ -9,11 +9,13 @@ weights by a few rows at every decode step, so two changes are made once, at loa
   does not grow. With the engine's CPU kernels (engine/cpu_kernels.py) the layout is their own 16-column
   panels (``PanelLinear``, engine/csrc/panel_linear.cpp): decode steps read the weights near the memory's
   bandwidth, where oneDNN's packed path reads them at about half of it. Without the kernels (no compiler,
-  ``model.cpu_kernels = false``) the weights are packed for oneDNN, torch's bundled library (``PackedLinear``);
+  ``model.cpu_kernels = false``) the weights are packed for oneDNN, torch's bundled library (``PackedLinear``).
+  With the kernels, a GGUF base keeps them in the file's own 4-bit blocks (``Q4PanelLinear``, engine/gguf_weights.py);
 - the LM head, whose weight is usually tied to the input embeddings (which need it dense), keeps that dense
   weight. With the kernels it is read by ``RowMajorLinear`` (engine/csrc/row_major_linear.cpp), without them
   computed as ``weight @ hidden.T`` (``WeightFirstLinear``): MKL then packs the few hidden rows, not the
-  28M-element weight.
+  28M-element weight. A GGUF base's tied embeddings stay in the file's 8-bit blocks, read by ``Q8Embedding``
+  and ``Q8RowMajorLinear``.
 
 ``benchmarks/decode_step.py`` measures whole decode steps against torch's default and against each other;
 ``benchmarks/engine_throughput.py`` does so on its large-batch workload (``unpacked``).

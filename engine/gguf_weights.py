@@ -1,4 +1,4 @@
-"""The base's projections kept in the GGUF file's own 4-bit blocks, for the CPU kernels.
+"""The base's weights kept in the GGUF file's own blocks, for the CPU kernels: projections, tied embeddings.
 
 The default model ships as a Q4_1 GGUF file: every projection weight is stored as blocks of 32 four-bit codes
 with one float16 scale and one float16 minimum, ``w = scale * code + minimum``. transformers dequantizes it to
