@@ -102,8 +102,9 @@ __attribute__((noinline)) void weight_group(const float* x, const float* const* 
   }
 }
 
-// Checks x against a weight of ``out_features`` rows of ``depth``; y = x @ W.T by weight groups, each given as
-// its 4 row pointers by rows_of(n0, scratch) (in place, or written into the thread's scratch of 4 rows).
+// Checks x against a weight of ``out_features`` rows of ``depth``; y = x @ W.T by weight groups.
+// rows_of(n0, w_rows, scratch) sets the group's 4 row pointers (in place, or into rows it writes in the thread's
+// scratch) and returns where the next group's rows start, for the prefetch, or nullptr for none.
 template <typename RowsOf>
 at::Tensor over_weight_groups(const char* op, const at::Tensor& x, int64_t depth, int64_t out_features,
                               RowsOf rows_of) {
