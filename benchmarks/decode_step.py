@@ -7,7 +7,7 @@ pay. Four engines run in one process:
     default         projections in the kernels' panels over the GGUF file's 4-bit blocks, the LM head over its
                     8-bit ones (engine/gguf_weights.py), decode attention and LoRA through the kernels
     float32-weights ``model.gguf_weights = false``: the same kernels over the weights dequantized to float32
-                    (the same outputs to the bit, about 3.5x the model's bytes)
+                    (the same outputs to the bit, about 5x the base's bytes)
     no-kernels      ``model.cpu_kernels = false``: projections through oneDNN's packed weights, the LM head as
                     weight-first MKL, SDPA over gathered copies, the masked-dense LoRA op
     unpacked        ``model.packed_weights = false``: the kernels for attention, LoRA and the LM head, but the

@@ -39,10 +39,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import datetime
-import gc
 import hashlib
 import importlib
 import inspect
@@ -74,7 +72,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel  #
 
 from engine.config import EngineConfig, load_config  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
-from engine.loader import resolve_model_dir  # noqa: E402
+from engine.loader import resolve_model_dir, return_freed_memory  # noqa: E402
 from engine.sequence import FinishReason, Request, SamplingParams  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
@@ -203,13 +201,6 @@ def reset_peak_rss() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def release_memory() -> None:
-    """Free what the last system left and hand glibc's free heap pages back, so the next RSS growth is its own."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def tensor_bytes(tensors: Iterator[torch.Tensor]) -> int:
     seen: set[int] = set()
     total = 0
@@ -271,7 +262,7 @@ class Deployment:
     """Memory of one deployment (its load and every run on it): RSS growth from just before it was loaded."""
 
     def __init__(self) -> None:
-        release_memory()
+        return_freed_memory()  # what the last system left, so the next RSS growth is its own
         self.rss_before = rss_bytes()
         reset_peak_rss()
         self.loaded_rss = 0
@@ -951,7 +942,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             results["copies"] = run_copies(copies, workload, pad_token_id, warmup)
         results["copies"].memory = memory["copies"]
         del copies
-    release_memory()
+    return_freed_memory()
 
     ref = results["loraplex"]
     report = {

@@ -23,9 +23,6 @@ weights by a few rows at every decode step, so two changes are made once, at loa
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 from collections.abc import Callable
 
 import torch
@@ -218,15 +215,3 @@ def pack_for_cpu(
         if tensor.layout == torch.strided and id(tensor) not in packed:
             tensor.data = tensor.data.clone()
     return len(linears)
-
-
-def return_freed_memory() -> None:
-    """Hand the heap pages freed since load back to the OS.
-
-    glibc keeps freed memory in the process for reuse, and a load frees a lot of it: reading a GGUF file's
-    blocks dequantizes every tensor once to check it, and the packing drops the weights it replaced. Without
-    this the engine's resident memory carried about 100 MB of such pages on the default model.
-    """
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)

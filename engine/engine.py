@@ -17,13 +17,13 @@ from engine import cpu_kernels, triton_decode, triton_norm
 from engine.attention import register_paged_attention
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.cpu_linear import pack_for_cpu, return_freed_memory, uses_packed_weights
+from engine.cpu_linear import pack_for_cpu, uses_packed_weights
 from engine.cpu_norm import swap_rms_norms
 from engine.detokenizer import Detokenizer
 from engine.errors import AdapterError, QueueFullError, RequestError, UnknownEndpointError
 from engine.gguf_weights import read_gguf_weights
 from engine.kv_cache import KVCache
-from engine.loader import LoadedModel, cache_root, load_model
+from engine.loader import LoadedModel, cache_root, load_model, return_freed_memory
 from engine.lora.config import LoRAAdapter
 from engine.lora.manager import LoRAManager
 from engine.runner import ModelRunner

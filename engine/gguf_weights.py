@@ -33,7 +33,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-BLOCK = 32  # weights per GGUF block (Q4_0, Q4_1)
+BLOCK = 32  # weights per GGUF block (Q4_0, Q4_1, Q8_0)
 PANEL = 16  # output columns per panel of the CPU kernel
 # GGUF tensor names of a Llama block -> the module under ``model.layers[i]``
 LLAMA_PROJECTIONS = {
@@ -60,22 +60,23 @@ class Q4Panels:
     out_features: int
     in_features: int
 
-    def dequantize(self) -> torch.Tensor:
-        """The float32 weight [out_features, in_features] these panels hold (for tests and checks)."""
-        return torch.from_numpy(_dequantize(*_from_panels(self))[: self.out_features])
+
+def _half_at(blocks: np.ndarray, offset: int) -> np.ndarray:
+    """The float16 at byte ``offset`` of every block [..., bytes], as float32 (exact)."""
+    return blocks[..., offset : offset + 2].copy().view(np.float16)[..., 0].astype(np.float32)
 
 
 def _unpack_blocks(raw: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A GGUF tensor's rows of blocks -> codes [N, K] uint8, scales and minimums [N, K/32] float32."""
+    """A Q4_0 / Q4_1 tensor's rows of blocks -> codes [N, K] uint8, scales and minimums [N, K/32] float32."""
     rows = raw.shape[0]
     size = 18 if kind == "Q4_0" else 20
     blocks = raw.reshape(rows, -1, size)
-    scales = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    scales = _half_at(blocks, 0)
     if kind == "Q4_0":
         minimums = np.float32(-8) * scales
         packed = blocks[..., 2:18]
     else:
-        minimums = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        minimums = _half_at(blocks, 2)
         packed = blocks[..., 4:20]
     # the first 16 weights of a block are the low nibbles of its 16 bytes, the next 16 the high ones
     codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, -1)
@@ -101,7 +102,8 @@ def _row_order(values: np.ndarray, weight: np.ndarray) -> np.ndarray | None:
     return np.asarray(order)
 
 
-def _to_panels(codes: np.ndarray, scales: np.ndarray, minimums: np.ndarray) -> Q4Panels:
+def to_panels(codes: np.ndarray, scales: np.ndarray, minimums: np.ndarray) -> Q4Panels:
+    """Codes [N, K] uint8 (0..15), scales and minimums [N, K/32] float32 -> the kernel's panels."""
     out_features, in_features = codes.shape
     panels = -(-out_features // PANEL)
     pad = panels * PANEL - out_features
@@ -121,23 +123,6 @@ def _to_panels(codes: np.ndarray, scales: np.ndarray, minimums: np.ndarray) -> Q
     )
 
 
-def _from_panels(panels: Q4Panels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    packed = panels.codes.numpy()
-    by_k = np.empty((packed.shape[0], packed.shape[1] * 2, PANEL), dtype=np.uint8)
-    by_k[:, 0::2, :] = packed & 0x0F
-    by_k[:, 1::2, :] = packed >> 4
-
-    def by_row(a: np.ndarray) -> np.ndarray:
-        return a.transpose(0, 2, 1).reshape(-1, a.shape[1])
-
-    return by_row(by_k), by_row(panels.scales.numpy()), by_row(panels.minimums.numpy())
-
-
-def q4_panels(codes: np.ndarray, scales: np.ndarray, minimums: np.ndarray) -> Q4Panels:
-    """Panels from codes [N, K] (0..15), scales and minimums [N, K/32]: what tests build random ones with."""
-    return _to_panels(codes.astype(np.uint8), scales.astype(np.float32), minimums.astype(np.float32))
-
-
 @dataclass
 class Q8Rows:
     """A tied embedding / LM head weight in Q8_0 blocks: ``codes`` [rows, features] int8, ``scales``
@@ -152,6 +137,14 @@ class Q8Rows:
         scales = self.scales if rows is None else self.scales[rows]
         grouped = codes.unflatten(-1, (-1, BLOCK)).float() * scales.unsqueeze(-1)
         return grouped.flatten(-2)
+
+
+def unpack_q8_blocks(raw: np.ndarray) -> Q8Rows:
+    """A Q8_0 tensor's rows of blocks (a float16 scale, then 32 int8 codes) -> ``Q8Rows``."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 34)
+    codes = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, -1)
+    return Q8Rows(codes=torch.from_numpy(codes), scales=torch.from_numpy(_half_at(blocks, 0)))
 
 
 def read_gguf_weights(gguf_path: Path, model: nn.Module) -> tuple[dict[nn.Module, Q4Panels], Q8Rows | None]:
@@ -172,11 +165,7 @@ def read_q8_tied_embeddings(tensors: list, model: nn.Module) -> Q8Rows | None:
     tensor = next((t for t in tensors if t.name == "token_embd.weight"), None)
     if tensor is None or tensor.tensor_type.name != "Q8_0" or weight.dtype != torch.float32:
         return None
-    blocks = np.asarray(tensor.data).reshape(weight.shape[0], -1, 34)  # float16 scale, 32 int8 codes
-    rows = Q8Rows(
-        codes=torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(weight.shape[0], -1)),
-        scales=torch.from_numpy(np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0].astype(np.float32)),
-    )
+    rows = unpack_q8_blocks(np.asarray(tensor.data))
     if rows.codes.shape != weight.shape or not torch.equal(rows.dequantize(), weight):
         log.info("GGUF token embeddings kept in float32: their Q8_0 blocks are not equal to the loaded weight")
         return None
@@ -214,7 +203,7 @@ def read_q4_projections(tensors: list, model: nn.Module) -> dict[nn.Module, Q4Pa
         if why is not None:
             skipped[why] = skipped.get(why, 0) + 1
             continue
-        found[linear] = _to_panels(codes[order], scales[order], minimums[order])
+        found[linear] = to_panels(codes[order], scales[order], minimums[order])
     if skipped:
         log.info("GGUF projections kept in float32: %s", ", ".join(f"{n} {why}" for why, n in skipped.items()))
     log.info("%d projections kept in the GGUF file's 4-bit blocks", len(found))

@@ -7,6 +7,9 @@ directory under the cache folder; later starts load that in seconds.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import importlib.util
 import logging
 import os
@@ -122,3 +125,15 @@ def load_model(config: ModelConfig) -> LoadedModel:
     model.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return LoadedModel(model=model, tokenizer=tokenizer, path=model_dir, name=name, gguf_path=gguf_path)
+
+
+def return_freed_memory() -> None:
+    """Hand the heap pages freed since load back to the OS.
+
+    glibc keeps freed memory in the process for reuse, and a load frees a lot of it: reading a GGUF file's
+    blocks dequantizes every tensor once to check it, and the packing drops the weights it replaced. Without
+    this the engine's resident memory carried about 80 MB of such pages on the default model.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

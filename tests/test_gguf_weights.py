@@ -1,7 +1,8 @@
-"""Projections kept in the GGUF file's 4-bit blocks (engine/gguf_weights.py, ``panel_linear_q4``).
+"""Weights kept in the GGUF file's own blocks (engine/gguf_weights.py): 4-bit projections through
+``panel_linear_q4``, 8-bit tied embeddings and LM head through ``row_major_linear_q8``.
 
 The claim is exactness: the blocks are used only where they reproduce the loaded float32 weight, and the
-kernel's outputs equal the float32 panel kernel's on that weight to the bit, so nothing downstream can move.
+kernels' outputs equal the float32 kernels' on that weight to the bit, so nothing downstream can move.
 """
 
 from __future__ import annotations
@@ -28,12 +29,15 @@ from engine.cpu_linear import (
 )
 from engine.engine import LLMEngine
 from engine.gguf_weights import (
+    Q4Panels,
     Q8Rows,
     _dequantize,
+    _row_order,
     _unpack_blocks,
-    q4_panels,
     read_q4_projections,
     read_q8_tied_embeddings,
+    to_panels,
+    unpack_q8_blocks,
 )
 from engine.loader import load_model
 from engine.sequence import Request, SamplingParams
@@ -54,6 +58,17 @@ def random_blocks(rows: int, in_features: int, seed: int) -> tuple[np.ndarray, n
     return codes, scales, minimums
 
 
+def panel_weight(panels: Q4Panels) -> torch.Tensor:
+    """The float32 weight [out, in] that ``panels`` hold, read back from the layout ``Q4Panels`` documents."""
+    by_k = np.repeat(panels.codes.numpy(), 2, axis=1)  # [panels, in, 16]: each byte serves k = 2j and 2j + 1
+    by_k[:, 0::2] &= 0x0F
+    by_k[:, 1::2] >>= 4
+    scales = np.repeat(panels.scales.numpy(), 32, axis=1)  # one per 32 k
+    minimums = np.repeat(panels.minimums.numpy(), 32, axis=1)
+    weight = scales * by_k.astype(np.float32) + minimums  # [panels, in, 16]
+    return torch.from_numpy(weight.transpose(0, 2, 1).reshape(-1, panels.in_features)[: panels.out_features].copy())
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize(
     ("rows", "in_features", "out_features"),
@@ -65,10 +80,10 @@ def random_blocks(rows: int, in_features: int, seed: int) -> tuple[np.ndarray, n
 def test_q4_panels_give_the_float32_panels_outputs_to_the_bit(
     kernels, rows: int, in_features: int, out_features: int, bias: bool
 ) -> None:
-    panels = q4_panels(*random_blocks(out_features, in_features, seed=rows))
+    panels = to_panels(*random_blocks(out_features, in_features, seed=rows))
     linear = nn.Linear(in_features, out_features, bias=bias)
     with torch.no_grad():
-        linear.weight.copy_(panels.dequantize())
+        linear.weight.copy_(panel_weight(panels))
     x = torch.randn(rows, in_features)
     q4 = Q4PanelLinear(linear, panels)(x)
     assert torch.equal(q4, PanelLinear(linear)(x))
@@ -77,7 +92,7 @@ def test_q4_panels_give_the_float32_panels_outputs_to_the_bit(
 
 
 def test_q4_panel_linear_refuses_mismatched_shapes(kernels) -> None:
-    panels = q4_panels(*random_blocks(48, 64, seed=0))
+    panels = to_panels(*random_blocks(48, 64, seed=0))
     with pytest.raises(RuntimeError, match="x has 32 features, the weight expects 64"):
         torch.ops.loraplex.panel_linear_q4(torch.zeros(2, 32), panels.codes, panels.scales, panels.minimums, 48)
     with pytest.raises(RuntimeError, match="scales and minimums must be float32"):
@@ -98,9 +113,20 @@ def test_unpacked_blocks_dequantize_as_gguf_does(kind: str) -> None:
 
 def test_panels_hold_the_blocks_they_were_made_from() -> None:
     codes, scales, minimums = random_blocks(37, 96, seed=2)  # 37 outputs: three panels, the last padded
-    panels = q4_panels(codes, scales, minimums)
+    panels = to_panels(codes, scales, minimums)
     assert panels.codes.shape == (3, 48, 16) and panels.scales.shape == (3, 3, 16)
-    assert np.array_equal(panels.dequantize().numpy(), _dequantize(codes, scales, minimums))
+    assert np.array_equal(panel_weight(panels).numpy(), _dequantize(codes, scales, minimums))
+
+
+def test_rows_are_matched_whatever_their_order() -> None:
+    """transformers reorders the rows of q and k (undoing llama.cpp's rotary permutation); blocks follow."""
+    values = np.random.default_rng(4).standard_normal((6, 8)).astype(np.float32)
+    order = np.array([3, 0, 5, 1, 4, 2])
+    assert np.array_equal(_row_order(values, values), np.arange(6))
+    assert np.array_equal(_row_order(values, values[order]), order)
+    changed = values[order].copy()
+    changed[2, 5] += 1e-3
+    assert _row_order(values, changed) is None
 
 
 def random_q8(rows: int, features: int, seed: int) -> Q8Rows:
@@ -113,7 +139,7 @@ def random_q8(rows: int, features: int, seed: int) -> Q8Rows:
 @pytest.mark.parametrize(
     ("rows", "in_features", "out_features"),
     # 1-4 and 7 rows: tiles of 1, 2 and 3 input rows; 7 and 1001 outputs: a last group of 4 weight rows that
-    # repeats its last row; 544 features: a tail of k that is not a multiple of 8 in no case (blocks of 32)
+    # repeats its last row; 544 features: an odd number of blocks
     [(1, 576, 1001), (2, 32, 7), (3, 576, 64), (4, 544, 1000), (7, 64, 4097)],
 )
 def test_q8_lm_head_gives_the_float32_logits_to_the_bit(kernels, rows: int, in_features: int, out_features: int):
@@ -132,16 +158,16 @@ def test_q8_lm_head_gives_the_float32_logits_to_the_bit(kernels, rows: int, in_f
     assert torch.equal(embedding(ids), torch.nn.functional.embedding(ids, weight))
 
 
-def test_q8_rows_dequantize_as_gguf_does() -> None:
-    q8 = random_q8(5, 64, seed=3)
-    raw = np.concatenate(
-        [
-            q8.scales.numpy().astype(np.float16)[..., None].view(np.uint8),
-            q8.codes.numpy().reshape(5, 2, 32).view(np.uint8),
-        ],
-        axis=-1,
-    ).reshape(5, -1)  # the file's blocks: a float16 scale, then 32 codes
-    assert np.array_equal(q8.dequantize().numpy(), dequantize(raw, GGMLQuantizationType.Q8_0))
+def test_unpacked_q8_blocks_dequantize_as_gguf_does() -> None:
+    rng = np.random.default_rng(3)
+    raw = rng.integers(0, 256, (5, 2, 34), dtype=np.uint8)  # a float16 scale, then 32 codes, per block
+    raw[..., :2] = (rng.standard_normal((5, 2, 1)) * 0.01).astype(np.float16).view(np.uint8)
+    raw = raw.reshape(5, -1)
+    expected = dequantize(raw, GGMLQuantizationType.Q8_0)
+    rows = unpack_q8_blocks(raw)
+    assert np.array_equal(rows.dequantize().numpy(), expected)
+    ids = torch.tensor([4, 0, 4])
+    assert np.array_equal(rows.dequantize(ids).numpy(), expected[[4, 0, 4]])
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +194,7 @@ def test_every_projection_of_the_default_model_is_read_exactly(loaded, gguf_tens
     linears = [m for m in loaded.model.get_decoder().modules() if type(m) is nn.Linear]
     assert len(linears) == 30 * 7 and set(q4) == set(linears)
     for linear, panels in q4.items():
-        assert torch.equal(panels.dequantize(), linear.weight)
+        assert torch.equal(panel_weight(panels), linear.weight)
 
 
 def test_a_projection_that_does_not_match_its_blocks_stays_float32(loaded, gguf_tensors, caplog) -> None:

@@ -106,8 +106,8 @@ inline void any_tile(int64_t rows, const float* x, int64_t ldx, const float* pan
 // took 0.84-0.95x the time at 4-20 rows, and the same at 1-2 and 32-48 rows.
 // Not inlined: both kernels run this one copy of the machine code, which is what makes them equal to the bit
 // (-ffast-math would let two inlined copies sum differently).
-__attribute__((noinline)) void rows_over_panel(const float* x, int64_t ldx, const float* panel, int64_t depth, float* y, int64_t ldy,
-                     int64_t cols, int64_t rows, bool accumulate) {
+__attribute__((noinline)) void rows_over_panel(const float* x, int64_t ldx, const float* panel, int64_t depth,
+                                               float* y, int64_t ldy, int64_t cols, int64_t rows, bool accumulate) {
   const int64_t tiles = (rows + 5) / 6;
   int64_t r = 0;
   for (int64_t t = 0; t < tiles; ++t) {
@@ -188,9 +188,6 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t o
 constexpr int64_t kBlock = 32;  // weights per GGUF block: one scale and one minimum per column
 static_assert(kDepth % kBlock == 0, "a slice holds whole blocks");
 
-// Panel p's rows k0 .. k0 + depth, rebuilt in float32: w = scale * code + minimum. scale * code is exact in
-// float32 (a half-precision scale times a 4-bit integer), so the sum rounds once, fused or not: the value gguf's
-// numpy dequantization computes.
 // One panel row (16 columns) per vector: a 512-bit register where the CPU has them, two 256-bit ones elsewhere.
 typedef float f16v __attribute__((vector_size(64)));
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
@@ -200,6 +197,9 @@ typedef int32_t i32x16 __attribute__((vector_size(64)));
 // straight to floats one lane at a time, through general registers.
 inline f16v to_floats(u8x16 codes) { return __builtin_convertvector(__builtin_convertvector(codes, i32x16), f16v); }
 
+// Panel p's rows k0 .. k0 + depth, rebuilt in float32: w = scale * code + minimum. scale * code is exact in
+// float32 (a half-precision scale times a 4-bit integer), so the sum rounds once, fused or not: the value gguf's
+// numpy dequantization computes.
 void dequantize_slice(const uint8_t* __restrict__ codes, const float* __restrict__ scales,
                       const float* __restrict__ minimums, int64_t depth, float* __restrict__ out) {
   for (int64_t b = 0; b < depth / kBlock; ++b) {
@@ -231,6 +231,7 @@ at::Tensor panel_linear_q4(const at::Tensor& x, const at::Tensor& codes, const a
   const uint8_t* cs = codes.data_ptr<uint8_t>();
   const float* ss = scales.data_ptr<float>();
   const float* ms = minimums.data_ptr<float>();
+  // rows_over_panel's prefetch then points past the scratch: a hint, never a fault; the codes are read in order
   return over_panels("panel_linear_q4", x, depth, panels, out_features, kRowBlockQ4,
                      [&](int64_t p, int64_t k0, int64_t slice_depth, float* scratch) {
                        const int64_t block0 = (p * depth + k0) / kBlock;
