@@ -11,8 +11,10 @@ multi-byte character split across tokens comes out whole, as a full decode gives
 Text is the plain concatenation of the tokens' text (``clean_up_tokenization_spaces=False``), as Ollama and
 vLLM stream it: a cleanup would rewrite text already sent (" ." into ".") and alters code.
 
-Text is released only when it can no longer change: an incomplete character or a possible beginning of a
-stop string is held back.
+Text is released only when it can no longer change or be cut: an incomplete character at the end is held back,
+and so is the longest end of the completed text that begins a stop string. Holding back a fixed number of
+characters instead would count an incomplete "\\ufffd" as one and release the start of a stop string that ends
+in a multi-byte character ("Say h" of "Say hi 🎉" with the stop string "hi 🎉").
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class Detokenizer:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str]) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
-        self.hold_back = max((len(s) for s in stop), default=1) - 1
+        self.max_stop_prefix = max((len(s) for s in stop), default=1) - 1  # a full stop string is cut, not held
         self.text = ""  # everything decoded so far, stop string cut once found
         self.released = 0  # characters of text already handed out
         self.context_start = 0  # ids[context_start:settled] are decoded again as context for the window
@@ -50,12 +52,23 @@ class Detokenizer:
 
     def release(self, finished: bool) -> str:
         """The text delta that is safe to show now (everything left, once finished)."""
-        end = len(self.text)
-        if not finished:
-            end -= self.hold_back
-            while end > self.released and self.text[end - 1] == "\ufffd":
-                end -= 1
+        end = len(self.text) if finished else self._safe_end()
         if end <= self.released:
             return ""
         delta, self.released = self.text[self.released : end], end
         return delta
+
+    def _safe_end(self) -> int:
+        """Where the text that can still become part of a stop string or a character begins."""
+        complete = self.text.rstrip("\ufffd")
+        return len(complete) - self._stop_prefix_len(complete)
+
+    def _stop_prefix_len(self, text: str) -> int:
+        """The length of the longest end of ``text`` that begins some stop string.
+
+        Only the unreleased text is searched: an end reaching into released text would have been held back then.
+        """
+        for n in range(min(self.max_stop_prefix, len(text) - self.released), 0, -1):
+            if any(s.startswith(text[-n:]) for s in self.stop):
+                return n
+        return 0

@@ -6,6 +6,8 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from engine.detokenizer import Detokenizer
@@ -74,3 +76,85 @@ def test_stop_string_split_across_tokens_cuts_the_text(tokenizer: PreTrainedToke
             break
     assert hit and detok.text == TEXTS[0][: TEXTS[0].index("café")]
     assert "".join(released) == detok.text
+
+
+# one-, two-, three- and four-byte characters: byte-level BPE splits the longer ones across tokens
+ALPHABET = "ab \n.é東京🎉🦙"
+
+
+def byte_token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """One token per UTF-8 byte of ``text``, as byte-level BPE spells each byte."""
+    pieces = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
+    return tokenizer.convert_tokens_to_ids([char for piece, _ in pieces for char in piece])
+
+
+@st.composite
+def token_streams(draw: st.DrawFn, tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """``text`` cut at random bytes; a chunk that is whole characters is BPE-encoded, any other goes byte by byte."""
+    data, byte_ids = text.encode(), byte_token_ids(tokenizer, text)
+    cuts = sorted(draw(st.sets(st.integers(1, len(data) - 1), max_size=len(data) - 1))) if len(data) > 1 else []
+    ids = []
+    for start, end in zip([0, *cuts], [*cuts, len(data)], strict=True):
+        try:
+            ids += tokenizer.encode(data[start:end].decode(), add_special_tokens=False)
+        except UnicodeDecodeError:
+            ids += byte_ids[start:end]
+    return ids
+
+
+def stop_strings(text: str) -> st.SearchStrategy[str]:
+    """Stop strings that occur in ``text`` and others that may not."""
+    starts = st.integers(0, len(text) - 1)
+    inside = starts.flatmap(lambda i: st.integers(i + 1, len(text)).map(lambda j: text[i:j]))
+    return st.one_of(inside, st.text(ALPHABET, min_size=1, max_size=4))
+
+
+def stream(tokenizer: PreTrainedTokenizerBase, ids: list[int], stop: list[str]) -> tuple[list[str], list[str]]:
+    """The deltas released token by token, as the engine does, and the text held back after each."""
+    detok = Detokenizer(tokenizer, stop)
+    deltas, held = [], []
+    for n in range(1, len(ids) + 1):
+        hit = detok.update(ids[:n])
+        deltas.append(detok.release(finished=hit or n == len(ids)))
+        held.append(detok.text[len("".join(deltas)) :])
+        if hit:
+            break
+    return deltas, held
+
+
+def answer_without_streaming(tokenizer: PreTrainedTokenizerBase, ids: list[int], stop: list[str]) -> str:
+    """A full decode at the first token where a stop string appears, cut before it."""
+    for n in range(1, len(ids) + 1):
+        text = full(tokenizer, ids[:n])
+        hits = [text.find(s) for s in stop if s in text]
+        if hits:
+            return text[: min(hits)]
+    return full(tokenizer, ids)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(ALPHABET, min_size=1, max_size=24), data=st.data())
+def test_streamed_text_never_shows_the_start_of_a_stop_string_and_equals_the_answer(
+    tokenizer: PreTrainedTokenizerBase, text: str, data: st.DataObject
+) -> None:
+    stop = data.draw(st.lists(stop_strings(text), min_size=1, max_size=3), label="stop")
+    ids = data.draw(token_streams(tokenizer, text), label="ids")
+    assert full(tokenizer, ids) == text
+    answer = answer_without_streaming(tokenizer, ids, stop)
+    deltas, held = stream(tokenizer, ids, stop)
+    for n in range(len(deltas)):
+        streamed = "".join(deltas[: n + 1])
+        assert answer.startswith(streamed), f"after {n + 1} tokens {streamed!r} went past the answer {answer!r}"
+        complete = held[n].rstrip("\ufffd")  # an incomplete character is held back until it completes
+        assert not complete or any(s.startswith(complete) for s in stop), f"held back {complete!r} needlessly"
+    assert "".join(deltas) == answer
+
+
+@pytest.mark.parametrize("spelling", ["bpe", "bytes"])
+def test_stop_string_ending_in_an_emoji_split_across_tokens_is_never_streamed(
+    tokenizer: PreTrainedTokenizerBase, spelling: str
+) -> None:
+    text = "Say hi 🎉 now"
+    ids = tokenizer.encode(text, add_special_tokens=False) if spelling == "bpe" else byte_token_ids(tokenizer, text)
+    deltas, _ = stream(tokenizer, ids, stop=["hi 🎉"])
+    assert "".join(deltas) == "Say "
