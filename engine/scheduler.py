@@ -3,7 +3,11 @@ chunked prefill, and preemption by recompute when KV blocks run out.
 
 Policy, in order, every step:
 1. Reclaim: an endpoint below its guaranteed ``slots`` with work waiting gets capacity back by preempting
-   the newest sequence of an endpoint that is borrowing (running more than its slots).
+   the newest sequence of an endpoint that is borrowing (running more than its slots). When what it lacks is
+   a LoRA slot (every slot holds an adapter in use), the oldest resident adapter is *drained*: its borrowers
+   are preempted, it admits no new sequences, and no other adapter may take a slot, until its last running
+   sequence ends and the waiting endpoint's adapter takes the slot. With more adapters than ``max_loras``,
+   guaranteed endpoints so take turns, each waiting at most for one adapter's running requests to finish.
 2. Running sequences, oldest first, each get their next chunk (one token when decoding) within the token
    budget; when blocks run out the newest running sequence is preempted (its blocks freed, recomputed later).
 3. Waiting sequences are admitted in arrival order while the budget, ``max_num_seqs``, free blocks and LoRA
@@ -68,6 +72,12 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # oldest first
         self.running_per_endpoint: Counter[str] = Counter()
+        # While an endpoint below its slots waits for a LoRA slot: the adapter it needs, and the resident one
+        # being drained to make room for it. Waiters take turns by when their adapter last held a slot.
+        self.slot_waiter: str | None = None
+        self.draining: str | None = None
+        self.num_steps = 0
+        self.last_resident: dict[str, int] = {}  # adapter -> the last step it held a slot
 
     @property
     def num_unfinished(self) -> int:
@@ -126,12 +136,11 @@ class Scheduler:
     def _is_borrowing(self, endpoint: str) -> bool:
         return self.running_per_endpoint[endpoint] > self.endpoint_slots.get(endpoint, 0)
 
+    def _is_below_guarantee(self, endpoint: str) -> bool:
+        return self.running_per_endpoint[endpoint] < self.endpoint_slots.get(endpoint, 0)
+
     def _reclaim_slots(self, out: SchedulerOutput) -> None:
-        starved = {
-            s.endpoint
-            for s in self.waiting
-            if self.running_per_endpoint[s.endpoint] < self.endpoint_slots.get(s.endpoint, 0)
-        }
+        starved = {s.endpoint for s in self.waiting if self._is_below_guarantee(s.endpoint)}
         for endpoint in starved:
             while (
                 len(self.running) >= self.max_num_seqs
@@ -141,6 +150,36 @@ class Scheduler:
                 if not borrowers:
                     break
                 self._preempt(borrowers[-1], out)  # the freed capacity is taken in _admit_waiting
+        self._reclaim_lora_slot(out)
+
+    def _reclaim_lora_slot(self, out: SchedulerOutput) -> None:
+        """Drain a resident adapter for a waiting request of an endpoint below its slots whose adapter is not
+        resident while no LoRA slot is empty (see the module docstring); a no-op once none waits."""
+        slots = self.lora_slots
+        self.num_steps += 1
+        self.last_resident.update(dict.fromkeys(slots.slot_of, self.num_steps))
+        blocked = min(
+            (
+                s
+                for s in self.waiting
+                if s.lora_name is not None
+                and s.lora_name not in slots.slot_of
+                and len(slots.slot_of) >= slots.max_loras
+                and self._is_below_guarantee(s.endpoint)
+            ),
+            key=lambda s: self.last_resident.get(s.lora_name, 0),  # longest without a slot first; then arrival
+            default=None,
+        )
+        self.slot_waiter = blocked.lora_name if blocked is not None else None
+        if blocked is None or (self.draining not in slots.slot_of and slots.idle):
+            self.draining = None  # nothing waits, or an idle adapter gives way when the waiter is admitted
+            return
+        if self.draining not in slots.slot_of:
+            self.draining = next(iter(slots.slot_of))  # the adapter placed longest ago
+        users = [s for s in self.running if s.lora_name == self.draining]
+        for seq in reversed(users):  # newest first, while its endpoint borrows
+            if self._is_borrowing(seq.endpoint):
+                self._preempt(seq, out)
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         for seq in list(self.running):
@@ -177,8 +216,8 @@ class Scheduler:
                 return
             if not self._can_admit(seq.endpoint):
                 continue
-            if seq.lora_name is not None and not self.lora_slots.can_acquire(seq.lora_name):
-                continue  # every adapter slot is held by running sequences; others may still fit
+            if seq.lora_name is not None and not self._may_take_lora_slot(seq.lora_name):
+                continue  # every adapter slot is held by running sequences (or drained); others may still fit
             if self.prefix_caching and seq.num_computed_tokens == 0:
                 self._reuse_prefix(seq)
             num_tokens = min(seq.num_uncomputed_tokens, budget)
@@ -194,6 +233,13 @@ class Scheduler:
             self._start_running(seq, out)
             out.chunks.append(ScheduledChunk(seq, num_tokens))
             budget -= num_tokens
+
+    def _may_take_lora_slot(self, name: str) -> bool:
+        if name == self.draining:
+            return False
+        if self.slot_waiter is not None and name != self.slot_waiter and name not in self.lora_slots.slot_of:
+            return False  # a freed slot is kept for the endpoint that waits for it
+        return self.lora_slots.can_acquire(name)
 
     def _reuse_prefix(self, seq: Sequence) -> None:
         block_size = self.block_manager.block_size

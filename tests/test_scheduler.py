@@ -7,7 +7,7 @@ import random
 from engine.block_manager import BlockManager
 from engine.config import LimitsConfig
 from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import Request, Sequence, SequenceStatus
+from engine.sequence import Request, SamplingParams, Sequence, SequenceStatus
 
 SLOTS = {"base": 1, "chatbot": 3, "code": 2, "summarization": 1}
 
@@ -139,3 +139,69 @@ def test_random_workload_finishes_everything_without_leaks_or_starvation() -> No
         assert steps < 5000, "the workload did not drain"
     assert len(finished) == 60
     assert s.block_manager.num_free_blocks == 40
+
+
+def lora_seq(request_id: str, endpoint: str, prompt_len: int, max_tokens: int) -> Sequence:
+    """A request of an endpoint that serves the adapter of the same name."""
+    request = Request(request_id, endpoint, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens))
+    return Sequence(request, lora_name=endpoint)
+
+
+def run_step_to_max_tokens(scheduler: Scheduler, out: SchedulerOutput) -> list[Sequence]:
+    """``run_step``, each sequence finishing at its own ``max_tokens``."""
+    finished = []
+    for chunk in out.chunks:
+        finished += run_step(scheduler, SchedulerOutput([chunk]), chunk.seq.request.params.max_tokens)
+    return finished
+
+
+MAX_TOKENS = 16
+
+
+def _longest_starvation(slots: dict[str, int], max_loras: int, max_num_seqs: int, seed: int, steps: int) -> dict:
+    """Steps, per endpoint, of the longest run in which it had a request waiting, ran below its guaranteed
+    slots, and finished nothing. The first two endpoints flood (always three requests waiting, so they borrow
+    every idle seat); the others send a request now and then."""
+    rng = random.Random(seed)
+    limits = LimitsConfig(
+        max_num_seqs=max_num_seqs, max_num_batched_tokens=64, block_size=4, num_kv_blocks=512, max_model_len=256
+    )
+    s = Scheduler(limits, dict(slots), BlockManager(limits.num_kv_blocks, limits.block_size))
+    s.lora_slots.max_loras = max_loras
+    names = list(slots)
+    flooding, occasional = names[:2], names[2:]
+    run = dict.fromkeys(names, 0)
+    longest = dict.fromkeys(names, 0)
+    ids = iter(range(10**6))
+    for _ in range(steps):
+        for name in flooding:
+            while sum(w.endpoint == name for w in s.waiting) < 3:
+                s.add(lora_seq(f"{name}-{next(ids)}", name, rng.randrange(2, 12), rng.randrange(1, MAX_TOKENS + 1)))
+        for name in occasional:
+            if rng.random() < 0.1:
+                s.add(lora_seq(f"{name}-{next(ids)}", name, rng.randrange(2, 12), rng.randrange(1, MAX_TOKENS + 1)))
+        out = s.schedule()
+        assert len(s.running) <= max_num_seqs and len(s.lora_slots.slot_of) <= max_loras
+        finished = {f.endpoint for f in run_step_to_max_tokens(s, out)}
+        for name in names:
+            starved = any(w.endpoint == name for w in s.waiting) and s.running_per_endpoint[name] < slots[name]
+            run[name] = run[name] + 1 if starved and name not in finished else 0
+            longest[name] = max(longest[name], run[name])
+    return longest
+
+
+def test_guaranteed_slots_hold_when_adapters_outnumber_lora_slots() -> None:
+    """An endpoint under its guaranteed slots whose adapter needs a LoRA slot gets one back from borrowers
+    within a bounded number of steps, for every mix of adapters at, below and above ``max_loras``."""
+    for trial in range(24):
+        rng = random.Random(trial)
+        num_adapters = rng.randrange(3, 6)
+        # the flooding two may have no guarantee at all (they only borrow); the others have one or two slots
+        slots = {f"a{i}": rng.randrange(0 if i < 2 else 1, 3) for i in range(num_adapters)}
+        max_loras = rng.randrange(1, num_adapters + 2)
+        max_num_seqs = max(sum(slots.values()), 1) + rng.randrange(0, 4)
+        longest = _longest_starvation(slots, max_loras, max_num_seqs, seed=trial, steps=300)
+        # A request lives at most MAX_TOKENS steps (its prefill samples the first token); an adapter waiting
+        # for a slot waits at most for every other adapter's running requests to finish, twice over.
+        bound = MAX_TOKENS * num_adapters * 2
+        assert max(longest.values()) <= bound, (trial, slots, max_loras, max_num_seqs, longest)
