@@ -30,6 +30,7 @@ class StepInputs:
     lora_mapping: LoRAMapping
     logits_indices: torch.Tensor  # [num_sampled]: the last token of every chunk that samples
     sampled_chunks: list[ScheduledChunk]  # in the order of logits_indices
+    chunks: list[ScheduledChunk]  # every chunk of the step, in the order of the flat tensors
     # Set when a captured CUDA graph runs the step; the tensors above are then host-side views of its rows.
     graph_batch: GraphBatch | None = None
 
@@ -123,10 +124,14 @@ class ModelRunner:
             lora_mapping=mapping,
             logits_indices=tensor(logits_indices),
             sampled_chunks=[c for c in ordered if c.samples],
+            chunks=ordered,
         )
 
     def _graph_inputs(self, decodes: list[ScheduledChunk]) -> StepInputs | None:
-        """A decode-only step laid out for a captured graph; None when no bucket holds it."""
+        """A step of one-token chunks laid out for a captured graph; None when no bucket holds it.
+
+        A one-token chunk is usually a decode, but may be a prompt's next token when the budget left a prompt
+        one token of room: whether a row is sampled comes from the sequence (``chunk.samples``), as eagerly."""
         block_size, tables = self.block_manager.block_size, self.block_manager.block_tables
         rows = []
         for chunk in decodes:
@@ -144,8 +149,9 @@ class ModelRunner:
             positions=host[:, POSITION],
             attn_metadata=AttentionMetadata(self.kv_cache, host[:, SLOT], len(decodes), [], []),
             lora_mapping=LoRAMapping(host[:, LORA], lora_slots),
-            logits_indices=torch.arange(len(decodes)),
-            sampled_chunks=decodes,
+            logits_indices=torch.tensor([i for i, c in enumerate(decodes) if c.samples], dtype=torch.long),
+            sampled_chunks=[c for c in decodes if c.samples],
+            chunks=decodes,
             graph_batch=batch,
         )
 
@@ -189,8 +195,11 @@ class ModelRunner:
         if inputs.graph_batch is not None:
             graphed = self.graphs.run(inputs.graph_batch)
             if graphed is not None:
-                return graphed
-            inputs = self.prepare_inputs(inputs.sampled_chunks)  # capture failed: the eager layout of this step
+                logits, hidden = graphed  # every row's logits: keep the sampled rows'
+                if len(inputs.sampled_chunks) < len(inputs.chunks):
+                    logits = logits[inputs.logits_indices.to(logits.device)]
+                return logits, hidden
+            inputs = self.prepare_inputs(inputs.chunks)  # capture failed: the eager layout of this step
         with self.lora.batch.use(inputs.lora_mapping):
             hidden = self.decoder(
                 input_ids=inputs.input_ids[None],

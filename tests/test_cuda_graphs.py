@@ -9,7 +9,8 @@ import pytest
 
 from engine.cuda_graphs import CONTEXT, FIELDS, LORA, POSITION, SLOT, TOKEN, batch_buckets, bucket_for, width_for
 from engine.engine import LLMEngine
-from engine.sequence import Request, SamplingParams
+from engine.scheduler import ScheduledChunk
+from engine.sequence import Request, SamplingParams, Sequence
 
 
 def test_batch_buckets_end_at_max_num_seqs() -> None:
@@ -75,3 +76,24 @@ def test_a_failed_capture_runs_the_step_eagerly_and_stays_eager(make_engine, mon
     assert [o.new_token_ids for o in got] == [o.new_token_ids for o in want]
     assert "not permitted" in graphs.failed and not graphs.active and graphs.replays == 0
     assert engine.block_manager.num_used_blocks == 0
+
+
+def test_a_one_token_prompt_chunk_is_run_but_not_sampled_on_the_static_path(engine: LLMEngine) -> None:
+    """Whether a row samples comes from its sequence (last prompt token or decode), not its chunk length."""
+    mid_prompt = Sequence(Request("mid", "chatbot", [5, 6, 7, 8, 9]), num_computed_tokens=2)
+    decoding = Sequence(Request("dec", "base", [5, 6, 7]), output_token_ids=[10], num_computed_tokens=3)
+    chunks = [ScheduledChunk(mid_prompt, 1), ScheduledChunk(decoding, 1)]
+    for chunk in chunks:
+        assert engine.block_manager.may_allocate(chunk.seq.seq_id, chunk.seq.num_computed_tokens + 1)
+    engine.runner.use_decode_graphs(8, 256, capture=False)
+    try:
+        inputs = engine.runner.prepare_inputs(chunks)
+        assert inputs.graph_batch is not None, "one-token chunks only: the static path"
+        assert [c.seq.seq_id for c in inputs.chunks] == ["mid", "dec"]
+        assert [c.seq.seq_id for c in inputs.sampled_chunks] == ["dec"]
+        logits, _ = engine.runner.execute(inputs)
+        assert logits.shape[0] == 1
+    finally:
+        engine.runner.graphs = None
+        for chunk in chunks:
+            engine.block_manager.free(chunk.seq.seq_id)

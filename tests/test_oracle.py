@@ -139,3 +139,15 @@ def test_static_decode_path_matches_oracle(make_engine, oracle, prompts) -> None
     assert {batch for batch, _, _ in graphs.graphs} > {12}, "shrinking batches should use smaller buckets"
     run_and_compare(engine, oracle, [("base", prompts[2]), ("base", prompts[3])])
     assert {lora for _, _, lora in graphs.graphs} == {True, False}, "base-only batches take graphs without LoRA"
+
+
+def test_one_token_prompt_chunks_on_the_static_decode_path_match_oracle(make_engine, oracle, prompts) -> None:
+    """A token budget of ``max_num_seqs`` leaves a late prompt one token of room beside seven decodes, so its
+    steps hold only one-token chunks, one of them mid-prompt. Such steps take the static decode path; only
+    rows at a prompt's last token or decoding may be sampled there."""
+    engine = make_engine(max_num_batched_tokens=8, max_num_seqs=8)
+    engine.runner.use_decode_graphs(8, engine.config.limits.max_model_len, capture=False)
+    one_token, chat = prompts[0], prompts[1]
+    cases = [(ENDPOINTS[i % 4], one_token) for i in range(7)] + [("chatbot", chat)]
+    run_and_compare(engine, oracle, cases, stagger=7)
+    assert engine.runner.graphs.replays > len(chat), "the late prompt's one-token chunks ran on the static path"
