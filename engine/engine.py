@@ -269,22 +269,43 @@ class LLMEngine:
         now = time.monotonic()
         for chunk in scheduled.chunks:
             chunk.seq.first_scheduled_time = chunk.seq.first_scheduled_time or now
+        failed = self._load_lora_slots(scheduled.lora_loads)
+        chunks = [c for c in scheduled.chunks if c.seq.seq_id in self.tracked]  # those not failed just now
+        if not chunks:
+            return failed
         try:
-            for name, slot in scheduled.lora_loads:  # host -> slot copies; the disk was read at registration
-                self.lora.load_slot(name, slot)
-            inputs = self.runner.prepare_inputs(scheduled.chunks)
+            inputs = self.runner.prepare_inputs(chunks)
             logits, _ = self.runner.execute(inputs)
             seqs = [c.seq for c in inputs.sampled_chunks]
             tokens = self.sampler(logits, seqs, [self.tracked[s.seq_id].generator for s in seqs])
         except Exception as e:  # a failed step fails its batch, never the engine
-            log.exception("step failed; failing the %d requests in it", len(scheduled.chunks))
-            return [
-                self._finish(self.tracked[c.seq.seq_id], FinishReason.ERROR, [], "", error=str(e))
-                for c in scheduled.chunks
+            log.exception("step failed; failing the %d requests in it", len(chunks))
+            return failed + [
+                self._finish(self.tracked[c.seq.seq_id], FinishReason.ERROR, [], "", error=str(e)) for c in chunks
             ]
         self.stats.steps_total += 1
         self.stats.preemptions_total += len(scheduled.preempted)
-        return self._postprocess(scheduled.chunks, dict(zip((s.seq_id for s in seqs), tokens, strict=True)))
+        return failed + self._postprocess(chunks, dict(zip((s.seq_id for s in seqs), tokens, strict=True)))
+
+    def _load_lora_slots(self, loads: list[tuple[str, int]]) -> list[RequestOutput]:
+        """Write the adapters placed this step into their slots (host -> slot copies; the disk was read at
+        registration). A failed copy fails only the running requests of that adapter, with an error naming it;
+        the rest of the batch runs. ``load_slot`` has cleared the slot, so the adapter's next use loads it again.
+        """
+        failed: list[RequestOutput] = []
+        for name, slot in loads:
+            try:
+                self.lora.load_slot(name, slot)
+            except Exception as e:
+                log.exception("loading adapter %r into LoRA slot %d failed", name, slot)
+                error = f"adapter {name!r} could not be loaded into its LoRA slot: {e}"
+                users = [
+                    t
+                    for t in self.tracked.values()
+                    if t.seq.lora_name == name and t.seq.status is SequenceStatus.RUNNING
+                ]
+                failed += [self._finish(t, FinishReason.ERROR, [], "", error=error) for t in users]
+        return failed
 
     def generate(self, requests: list[Request]) -> dict[str, list[RequestOutput]]:
         """Offline: run requests to completion; returns every output of each request, by id."""

@@ -63,7 +63,18 @@ class LoRAManager:
         """Write a registered adapter into ``slot``, replacing whatever adapter was there before.
 
         Layers the adapter targets are overwritten; layers only the previous occupant targeted are cleared.
+        All or nothing: if a copy fails part-way, the slot is cleared and ``name`` taken out of the slot table
+        before the error propagates, so no request is served from a half-written slot and the adapter's next
+        use loads it again.
         """
+        try:
+            self._write_slot(name, slot)
+        except Exception:
+            self.slots.discard(name)
+            self.clear_slot(slot)
+            raise
+
+    def _write_slot(self, name: str, slot: int) -> None:
         adapter = self.adapters[name]
         self.version += 1
         for module, layer in self.layers.items():

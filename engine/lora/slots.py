@@ -1,7 +1,8 @@
 """Which adapter sits in which of the ``max_loras`` slots: reference counts and least-recently-used eviction.
 
 Pure Python, so the scheduler can decide residency without touching tensors; the engine then writes the
-weights of newly placed adapters into the layers before the forward pass that first uses them.
+weights of newly placed adapters into the layers before the forward pass that first uses them. A placement
+whose write fails is discarded, so no forward pass reads a half-written slot and the next use writes it again.
 """
 
 from __future__ import annotations
@@ -46,10 +47,16 @@ class SlotTable:
         self.refs[name] -= 1
         if self.refs[name] == 0:
             del self.refs[name]
-            self.idle[name] = None  # most recently used goes last
+            if name in self.slot_of:  # not after ``discard``
+                self.idle[name] = None  # most recently used goes last
 
     def evict(self, name: str) -> int | None:
         """Drop an unreferenced adapter from its slot (unload); returns the freed slot."""
         assert not self.refs[name], f"adapter {name!r} is in use"
+        return self.discard(name)
+
+    def discard(self, name: str) -> int | None:
+        """Forget ``name``'s placement after its weights failed to load: its slot is free again and its next
+        ``acquire`` places (and so loads) it anew. Holders still ``release`` it as usual."""
         self.idle.pop(name, None)
         return self.slot_of.pop(name, None)
