@@ -47,6 +47,7 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     error: str | None = None
+    embedding: list[float] | None = None  # an embed request's vector, in its finished output
     # Monotonic timestamps (seconds) for the server's durations.
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None
@@ -76,6 +77,7 @@ class _Tracked:
     seq: Sequence
     detokenizer: Detokenizer
     generator: torch.Generator
+    pooled: torch.Tensor | None = None  # an embed request's hidden states summed so far, float32 [hidden]
 
 
 class LLMEngine:
@@ -221,10 +223,11 @@ class LLMEngine:
         prompt_len, max_len = len(request.prompt_token_ids), self.config.limits.max_model_len
         if prompt_len == 0:
             raise RequestError("the prompt is empty; send at least one token of text")
-        if prompt_len >= max_len:
+        room = max_len if request.embed else max_len - 1  # a generation needs room for one new token
+        if prompt_len > room:
             raise RequestError(
                 f"the prompt has {prompt_len} tokens but max_model_len is {max_len}; shorten it to at most "
-                f"{max_len - 1} tokens"
+                f"{room} tokens"
             )
         vocab = self.model.config.get_text_config().vocab_size
         bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
@@ -275,9 +278,10 @@ class LLMEngine:
             return failed
         try:
             inputs = self.runner.prepare_inputs(chunks)
-            logits, _ = self.runner.execute(inputs)
+            logits, hidden = self.runner.execute(inputs)
+            self._pool_embeddings(inputs.chunks, hidden)
             seqs = [c.seq for c in inputs.sampled_chunks]
-            tokens = self.sampler(logits, seqs, [self.tracked[s.seq_id].generator for s in seqs])
+            tokens = self.sampler(logits, seqs, [self.tracked[s.seq_id].generator for s in seqs]) if seqs else []
         except Exception as e:  # a failed step fails its batch, never the engine
             log.exception("step failed; failing the %d requests in it", len(chunks))
             return failed + [
@@ -330,6 +334,18 @@ class LLMEngine:
 
     # ---- internals -------------------------------------------------------------------------------------
 
+    def _pool_embeddings(self, chunks: list[ScheduledChunk], hidden: torch.Tensor) -> None:
+        """Add each embed chunk's last hidden states ([T, hidden], rows in ``chunks`` order) to its request's sum;
+        a chunk from the prompt's start (first run, or recompute after preemption) starts the sum again."""
+        start = 0
+        for chunk in chunks:
+            if chunk.seq.request.embed:
+                rows = hidden[start : start + chunk.num_tokens].float().sum(dim=0)
+                tracked = self.tracked[chunk.seq.seq_id]
+                first = chunk.seq.num_computed_tokens == 0 or tracked.pooled is None
+                tracked.pooled = rows if first else tracked.pooled + rows
+            start += chunk.num_tokens
+
     def _postprocess(self, chunks: list[ScheduledChunk], sampled: dict[str, int]) -> list[RequestOutput]:
         outputs = []
         now = time.monotonic()
@@ -337,6 +353,8 @@ class LLMEngine:
             seq = chunk.seq
             seq.num_computed_tokens += chunk.num_tokens
             self.scheduler.remember_computed(seq, chunk.num_tokens)
+            if seq.request.embed and seq.num_computed_tokens == seq.num_tokens:
+                outputs.append(self._finish_embedding(self.tracked[seq.seq_id], now))
             if seq.seq_id not in sampled:
                 continue
             token = sampled[seq.seq_id]
@@ -346,6 +364,13 @@ class LLMEngine:
             self.stats.generation_tokens_total += 1
             outputs.append(self._after_token(self.tracked[seq.seq_id], token))
         return outputs
+
+    def _finish_embedding(self, tracked: _Tracked, now: float) -> RequestOutput:
+        """Mean pooling, L2-normalised (the mean's 1/n drops out of the normalisation)."""
+        tracked.seq.prefill_done_time = now
+        out = self._finish(tracked, FinishReason.STOP, [], "")
+        out.embedding = torch.nn.functional.normalize(tracked.pooled, dim=0).tolist()
+        return out
 
     def _after_token(self, tracked: _Tracked, token: int) -> RequestOutput:
         seq, params = tracked.seq, tracked.seq.request.params

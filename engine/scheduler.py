@@ -38,8 +38,8 @@ class ScheduledChunk:
 
     @property
     def samples(self) -> bool:
-        """Whether this chunk reaches the sequence's last token, so a new token is sampled."""
-        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+        """Whether this chunk reaches the sequence's last token, so a new token is sampled (never to embed)."""
+        return not self.seq.request.embed and self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
 
 
 @dataclass
@@ -218,8 +218,8 @@ class Scheduler:
                 continue
             if seq.lora_name is not None and not self._may_take_lora_slot(seq.lora_name):
                 continue  # every adapter slot is held by running sequences (or drained); others may still fit
-            if self.prefix_caching and seq.num_computed_tokens == 0:
-                self._reuse_prefix(seq)
+            if self.prefix_caching and seq.num_computed_tokens == 0 and not seq.request.embed:
+                self._reuse_prefix(seq)  # (an embedding needs every prompt token's hidden state: no reuse)
             num_tokens = min(seq.num_uncomputed_tokens, budget)
             if not self.block_manager.may_allocate(seq.seq_id, seq.num_computed_tokens + num_tokens):
                 self.block_manager.free(seq.seq_id)  # the reused blocks go back to the cache

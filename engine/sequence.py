@@ -51,13 +51,18 @@ class SamplingParams:
 
 @dataclass
 class Request:
-    """What a caller submits: an endpoint, prompt tokens and sampling parameters."""
+    """What a caller submits: an endpoint, prompt tokens and sampling parameters.
+
+    An ``embed`` request generates nothing: its prompt is prefilled like any other (chunked, within the token
+    budget, batched with other requests' steps) and it finishes with its hidden states pooled into one vector.
+    """
 
     request_id: str
     endpoint: str
     prompt_token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     arrival_time: float = field(default_factory=time.monotonic)
+    embed: bool = False
 
 
 class SequenceStatus(enum.Enum):

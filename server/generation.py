@@ -70,11 +70,12 @@ async def start(
     params: SamplingParams,
     arrival_time: float,
     rid: str,
+    embed: bool = False,
 ) -> AsyncIterator[RequestOutput]:
     """Submit a request and wait for its first output; returns the stream of all its outputs."""
     _, async_engine = state.require_engine()
     limits.check_sampling(state, params)
-    request = Request(rid, endpoint, prompt_token_ids, params, arrival_time=arrival_time)
+    request = Request(rid, endpoint, prompt_token_ids, params, arrival_time=arrival_time, embed=embed)
     outputs = limits.guarded(state, endpoint, async_engine.generate(request), arrival_time)
     try:
         first = await anext(outputs)
@@ -119,6 +120,33 @@ async def unless_disconnected(request: HTTPRequest, work: Awaitable[T], poll_s: 
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+async def embed(
+    state: ServerState, http_request: HTTPRequest, endpoint: str, token_lists: list[list[int]], arrival_time: float
+) -> list[RequestOutput]:
+    """Embed each input as a request of its own: the scheduler batches and chunks them with everyone else's
+    steps, and they count against the queue, the deadline and the endpoint's limits like any request. At most
+    half the endpoint's admission cap is in flight at once (a long list goes in waves instead of a 503). The
+    first failure, or the client leaving, aborts the rest."""
+    window = asyncio.Semaphore(max(1, state.admission.endpoint_cap(endpoint) // 2))
+
+    async def one(token_ids: list[int]) -> RequestOutput:
+        async with window:
+            params = SamplingParams(max_tokens=1)
+            outputs = await start(state, endpoint, token_ids, params, arrival_time, request_id("embed"), embed=True)
+            async with contextlib.aclosing(outputs):
+                return (await collect(outputs)).last
+
+    async def all_of_them() -> list[RequestOutput]:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(ids)) for ids in token_lists]
+        return [t.result() for t in tasks]
+
+    try:
+        return await unless_disconnected(http_request, all_of_them())
+    except BaseExceptionGroup as group:  # the TaskGroup's: report the first failure, as one request would
+        raise group.exceptions[0] from None
 
 
 async def collect(outputs: AsyncIterator[RequestOutput]) -> Completed:

@@ -15,13 +15,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
-from engine.embeddings import embed
-from engine.engine import LLMEngine, RequestOutput
+from engine.engine import RequestOutput
 from engine.errors import RequestError
 from engine.sequence import FinishReason
 from server import catalog
 from server.errors import APIError
-from server.generation import Timings, collect, context_limit, request_id, start, unless_disconnected
+from server.generation import Timings, collect, context_limit, embed, request_id, start, unless_disconnected
 from server.limits import check_embed_tokens
 from server.ollama_params import DEFAULTS, refuse_unsupported, sampling_params
 from server.prompts import render_chat, render_generate
@@ -145,9 +144,11 @@ async def chat(request: Request) -> Any:
     }
 
 
-async def _embed(state: ServerState, endpoint: str, texts: list[str], truncate: bool) -> tuple[list, int, int]:
-    """Vectors, prompt token count, and the nanoseconds spent waiting for the engine loop to take the work."""
-    engine, async_engine = state.require_engine()
+async def _embed(
+    request: Request, state: ServerState, endpoint: str, texts: list[str], truncate: bool
+) -> tuple[list, int, int]:
+    """Vectors, prompt token count, and the nanoseconds the longest-waiting input waited to be scheduled."""
+    engine, _ = state.require_engine()
     limit = state.config.limits.max_model_len
     token_lists = []
     for i, text in enumerate(texts):
@@ -158,15 +159,9 @@ async def _embed(state: ServerState, endpoint: str, texts: list[str], truncate: 
             raise RequestError(f"input {i} has {len(ids)} tokens, over the context of {limit}; send truncate=true")
         token_lists.append(ids[:limit])
     check_embed_tokens(state, token_lists)
-
-    submitted = time.monotonic()
-
-    def run(engine: LLMEngine) -> tuple[list[list[float]], float]:  # on the engine loop thread, between steps
-        waited = time.monotonic() - submitted
-        return embed(engine, token_lists, endpoint), waited
-
-    vectors, waited = await async_engine.call(run)
-    return vectors, sum(len(t) for t in token_lists), round(waited * 1e9)
+    outputs = await embed(state, request, endpoint, token_lists, time.monotonic())
+    waited = max(Timings.of(out).load_duration for out in outputs)
+    return [out.embedding for out in outputs], sum(len(t) for t in token_lists), waited
 
 
 @router.post("/api/embed")
@@ -180,7 +175,7 @@ async def embed_route(request: Request) -> dict[str, Any]:
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts:
         raise APIError(400, "input is empty; send a string or a list of strings", param="input")
-    vectors, count, waited = await _embed(state, endpoint, texts, body.truncate)
+    vectors, count, waited = await _embed(request, state, endpoint, texts, body.truncate)
     return {
         "model": body.model,
         "embeddings": vectors,
@@ -198,7 +193,7 @@ async def embeddings_route(request: Request) -> dict[str, Any]:
     endpoint = state.router.resolve(request.scope, body.model)
     if not body.prompt:
         return {"embedding": []}
-    vectors, _, _ = await _embed(state, endpoint, [body.prompt], truncate=True)
+    vectors, _, _ = await _embed(request, state, endpoint, [body.prompt], truncate=True)
     return {"embedding": vectors[0]}
 
 
