@@ -1,10 +1,10 @@
 """Turning one step's logits into one token per sequence, for the whole batch at once.
 
-Order: penalties on the raw logits, then greedy rows take the argmax; sampled rows are divided by their
-temperature, filtered by top-k, top-p and min-p, and drawn with their own generator. Each request owns a
-``torch.Generator`` seeded from its ``seed`` and makes one draw per token from it, over a distribution that
-depends on its own logits and parameters only, so the same seed and prompt give the same tokens whatever else
-shares the batch.
+Order: penalties on the raw logits, then greedy rows (temperature below ``SAMPLING_EPS``) take the argmax;
+sampled rows are divided by their temperature, filtered by top-k, top-p and min-p, and drawn with their own
+generator. Each request owns a ``torch.Generator`` seeded from its ``seed`` and makes one draw per token from
+it, over a distribution that depends on its own logits and parameters only, so the same seed and prompt give
+the same tokens whatever else shares the batch.
 
 The sampler runs on the engine loop between forward passes, so it is written for large batches: one set of
 tensor ops per step, not per row, and a row with a top-k looks only at its k best candidates (``topk``)
@@ -144,20 +144,29 @@ class Sampler:
     ) -> list[int]:
         """``logits`` [B, vocab] float32, one row per sequence; returns one token id per row."""
         apply_penalties(logits, seqs)
-        tokens = logits.argmax(dim=-1)
+        greedy = logits.argmax(dim=-1)  # [B]
+        tokens = greedy.clone()
         params = [s.request.params for s in seqs]
         sampled = [i for i, p in enumerate(params) if not p.is_greedy]
         plain = [i for i in sampled if _is_plain(params[i], logits.shape[-1])]
         filtered = [i for i in sampled if not _is_plain(params[i], logits.shape[-1])]
         if plain:
-            tokens[plain] = sample_plain(_scaled(logits, params, plain), [generators[i] for i in plain])
+            tokens[plain] = sample_plain(_scaled(logits, params, plain, greedy), [generators[i] for i in plain])
         if filtered:
-            scaled = _scaled(logits, params, filtered)
+            scaled = _scaled(logits, params, filtered, greedy)
             tokens[filtered] = sample_filtered(scaled, [params[i] for i in filtered], [generators[i] for i in filtered])
         return tokens.tolist()
 
 
-def _scaled(logits: torch.Tensor, params: list[SamplingParams], rows: list[int]) -> torch.Tensor:
-    """The rows' logits divided by their temperatures."""
+def _scaled(logits: torch.Tensor, params: list[SamplingParams], rows: list[int], argmax: torch.Tensor) -> torch.Tensor:
+    """The rows' logits divided by their temperatures.
+
+    A row whose softmax would not be finite (an inf or NaN logit, or one that overflows when divided, as after
+    a tiny repetition penalty) becomes a point mass at its ``argmax``: it draws that token, never garbage."""
     temperature = torch.tensor([params[i].temperature for i in rows], dtype=logits.dtype, device=logits.device)
-    return logits[rows] / temperature[:, None]
+    scaled = logits[rows] / temperature[:, None]  # [len(rows), vocab]
+    bad = (~scaled.amax(dim=-1).isfinite()).nonzero().squeeze(1)  # amax is NaN if any logit is
+    if len(bad):  # rare: inf or NaN logits
+        scaled[bad] = -torch.inf
+        scaled[bad, argmax[rows][bad]] = 0.0
+    return scaled

@@ -8,13 +8,16 @@ from dataclasses import dataclass, field
 
 from engine.errors import RequestError
 
+# Temperatures below this are greedy (vLLM's ``_SAMPLING_EPS``): dividing logits by them overflows to inf/NaN.
+SAMPLING_EPS = 1e-5
+
 
 @dataclass
 class SamplingParams:
     """How to pick tokens and when to stop. Validated on construction; messages say what to change."""
 
     max_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or below SAMPLING_EPS) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     min_p: float = 0.0
@@ -46,7 +49,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < SAMPLING_EPS
 
 
 @dataclass

@@ -136,3 +136,39 @@ def test_penalties_equal_the_per_row_loop() -> None:
     apply_penalties(got, seqs)
     torch.testing.assert_close(got, want)
     assert torch.equal(got[2], logits[2])
+
+
+def test_rows_whose_probabilities_are_not_finite_take_their_argmax_and_only_they() -> None:
+    logits = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(4))
+    logits[0, 7] = torch.inf
+    logits[1, 11], logits[1, 12] = 3e38, 2e38  # both overflow to inf once divided by the temperature
+    logits[2, 13] = torch.nan
+    logits[3, 14] = torch.inf
+    params = [
+        SamplingParams(temperature=1.0),  # plain
+        SamplingParams(temperature=0.5),
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.8, top_k=40, top_p=0.9),  # filtered
+        SamplingParams(temperature=1.0, top_p=0.9),  # a finite row beside them
+    ]
+    seqs = [seq(p) for p in params]
+    got = Sampler()(logits.clone(), seqs, [torch.Generator().manual_seed(i) for i in range(5)])
+    assert got[:4] == [7, 11, 13, 14]
+    alone = Sampler()(logits[4:].clone(), seqs[4:], [torch.Generator().manual_seed(4)])
+    assert got[4:] == alone
+
+
+def test_temperatures_below_the_sampling_eps_are_greedy() -> None:
+    assert all(SamplingParams(temperature=t).is_greedy for t in (0.0, 1e-300, 1e-50, 1e-8, 9.9e-6))
+    assert not any(SamplingParams(temperature=t).is_greedy for t in (1e-5, 0.7, 2.0))
+
+
+@pytest.mark.parametrize("temperature", [1e-50, 1e-8, 1e-5])
+def test_a_tiny_temperature_gives_the_greedy_tokens(engine, temperature: float) -> None:
+    ids = engine.encode_prompt("The three primary colours are")
+    greedy = SamplingParams(max_tokens=12, ignore_eos=True)
+    tiny = SamplingParams(max_tokens=12, ignore_eos=True, temperature=temperature, seed=3)
+    results = engine.generate([Request("greedy", "chatbot", ids, greedy), Request("tiny", "chatbot", ids, tiny)])
+    assert engine.block_manager.num_used_blocks == 0, "KV blocks leaked"
+    tokens = {name: [t for out in outputs for t in out.new_token_ids] for name, outputs in results.items()}
+    assert tokens["tiny"] == tokens["greedy"]
