@@ -247,8 +247,8 @@ class LLMEngine:
         lora_name = self.endpoint_adapters[endpoint]
         seq = Sequence(request, lora_name, cache_salt=self.cache_salts[lora_name] if lora_name else b"")
         generator = torch.Generator(device=self.kv_cache.key_cache[0].device)
-        seed = request.params.seed
-        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        seed = request.params.seed  # any integer: reduced modulo 2**64, the generator's range (2**64 samples as 0)
+        generator.manual_seed(seed % 2**64 if seed is not None else int(torch.randint(0, 2**62, ()).item()))
         self.tracked[request.request_id] = _Tracked(seq, Detokenizer(self.tokenizer, request.params.stop), generator)
         self.scheduler.add(seq)
         self.stats.prompt_tokens_total += len(request.prompt_token_ids)

@@ -25,7 +25,7 @@ class SamplingParams:
     repeat_last_n: int = 64  # window of prompt + output tokens the repetition penalty looks at; -1 = all
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    seed: int | None = None
+    seed: int | None = None  # any integer (the engine reduces it modulo 2**64); None = a random seed
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -41,6 +41,7 @@ class SamplingParams:
             (self.repeat_last_n >= -1, "repeat_last_n", "use -1 (all), 0 (off) or a positive window"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty", "use a value in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "use a value in [-2, 2]"),
+            (self.seed is None or isinstance(self.seed, int), "seed", "use an integer or leave it out"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "use non-empty strings"),
         ]
         for ok, name, hint in checks:

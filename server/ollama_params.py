@@ -39,7 +39,7 @@ def sampling_params(options: OllamaOptions | None, num_prompt_tokens: int, conte
         repeat_last_n=int(get("repeat_last_n")),
         presence_penalty=get("presence_penalty"),
         frequency_penalty=get("frequency_penalty"),
-        seed=opts.seed if opts.seed is not None and opts.seed >= 0 else None,
+        seed=None if opts.seed == -1 else opts.seed,  # -1 (Ollama's default): a random seed, as in Ollama
         stop=stop,
     )
 

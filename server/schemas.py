@@ -35,7 +35,7 @@ class OllamaOptions(BaseModel):
     min_p: float | None = None
     num_predict: int | None = None
     stop: list[str] | str | None = None
-    seed: int | None = None
+    seed: int | None = None  # -1 (Ollama's default) = random; any other integer, modulo 2**64, a fixed seed
     repeat_penalty: float | None = None
     repeat_last_n: int | None = None
     presence_penalty: float | None = None
@@ -124,7 +124,7 @@ class _OpenAISampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = None  # any integer, modulo 2**64
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
