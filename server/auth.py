@@ -30,7 +30,6 @@ ADMIN_PATHS = frozenset(
         "/api/create",
         "/api/delete",
         "/api/copy",
-        "/api/pull",
         "/api/push",
     }
 )

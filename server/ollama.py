@@ -7,6 +7,7 @@ Ollama's counts and nanosecond durations, taken from the engine's timestamps.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,7 @@ from server.schemas import (
     OllamaEmbeddingsRequest,
     OllamaEmbedRequest,
     OllamaGenerateRequest,
+    OllamaPullRequest,
     OllamaShowRequest,
     parse_body,
 )
@@ -87,6 +89,23 @@ def _ndjson(model: str, outputs: AsyncIterator[RequestOutput], chat: bool, promp
     return StreamingResponse(lines(), media_type=NDJSON)
 
 
+_ZERO_DURATION = re.compile(r"0+(\.0*)?(ns|us|µs|ms|s|m|h)?")
+
+
+def _lifecycle(model: str, keep_alive: float | str | None, chat: bool) -> dict[str, Any]:
+    """Ollama's answer to a request with nothing to generate: a preload (``done_reason: "load"``), or with
+    ``keep_alive: 0`` an unload. Nothing is loaded or freed here: the base and every adapter stay resident."""
+    unload = keep_alive is not None and (
+        keep_alive == 0 if isinstance(keep_alive, int | float) else bool(_ZERO_DURATION.fullmatch(keep_alive.strip()))
+    )
+    reply: dict[str, Any] = {"model": model, "created_at": _now()}
+    if chat:
+        reply["message"] = {"role": "assistant", "content": ""}
+    else:
+        reply["response"] = ""
+    return reply | {"done": True, "done_reason": "unload" if unload else "load"}
+
+
 def _line(obj: dict[str, Any]) -> bytes:
     return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
@@ -97,9 +116,9 @@ async def generate(request: Request) -> Any:
     body = await parse_body(request, OllamaGenerateRequest)
     state = _state(request)
     endpoint = state.router.resolve(request.scope, body.model)
+    if not body.prompt and not body.context:  # what `ollama run` sends to preload a model
+        return _lifecycle(body.model, body.keep_alive, chat=False)
     refuse_unsupported(body)
-    if not body.prompt and not body.context:
-        raise APIError(400, "prompt is empty; send the text to complete in 'prompt'", param="prompt")
     engine, _ = state.require_engine()
     text = render_generate(engine.tokenizer, body.prompt or "", body.system, body.template, body.raw)
     prompt_ids = [*(body.context or []), *engine.encode_prompt(text)]
@@ -125,6 +144,8 @@ async def chat(request: Request) -> Any:
     body = await parse_body(request, OllamaChatRequest)
     state = _state(request)
     endpoint = state.router.resolve(request.scope, body.model)
+    if not body.messages:
+        return _lifecycle(body.model, body.keep_alive, chat=True)
     refuse_unsupported(body)
     engine, _ = state.require_engine()
     messages = [{"role": m.role, "content": m.content} for m in body.messages]
@@ -265,6 +286,21 @@ async def show(request: Request) -> dict[str, Any]:
         "capabilities": ["completion"],
         "modified_at": catalog.iso(entry.modified_at),
     }
+
+
+@router.post("/api/pull")
+async def pull(request: Request) -> Any:
+    """Clients pull before they run; a served model is already here, so the pull succeeds at once. loraplex
+    never downloads: a model it does not serve is a 404 that lists what it serves."""
+    body = await parse_body(request, OllamaPullRequest)
+    model = body.model or body.name
+    if not model:
+        raise APIError(400, "model is missing; send the model name to pull", param="model")
+    _state(request).router.resolve(request.scope, model)
+    if not body.stream:
+        return {"status": "success"}
+    lines = [_line({"status": "pulling manifest"}), _line({"status": "success"})]
+    return StreamingResponse(iter(lines), media_type=NDJSON)
 
 
 @router.get("/api/version")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from engine.sequence import SamplingParams
-from server.errors import APIError, unsupported
+from server.errors import unsupported
 from server.generation import max_new_tokens
 from server.schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions
 
@@ -65,5 +65,3 @@ def refuse_unsupported(body: OllamaGenerateRequest | OllamaChatRequest) -> None:
             raise unsupported("images", f"messages[{i}].images")
         if message.tool_calls or message.role == "tool":
             raise unsupported("tool calling", f"messages[{i}]")
-    if not body.messages:
-        raise APIError(400, "messages is empty; send at least one message", param="messages")

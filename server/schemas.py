@@ -97,6 +97,13 @@ class OllamaShowRequest(_Body):
     verbose: bool = False
 
 
+class OllamaPullRequest(_Body):
+    model: str | None = None
+    name: str | None = None  # the pre-0.5 field name
+    insecure: bool = False
+    stream: bool = True
+
+
 # ---- OpenAI ---------------------------------------------------------------------------------------------
 
 

@@ -27,8 +27,8 @@ OLLAMA_CASES = [
     ("/api/chat", {"model": "base", "messages": USER, "tools": [{"type": "function"}]}, 400, "tools"),
     ("/api/generate", {"model": "base", "prompt": "x", "format": "json"}, 400, "format"),
     ("/api/chat", {"model": "base", "messages": USER, "format": {"type": "object"}}, 400, "format"),
-    ("/api/generate", {"model": "base", "prompt": ""}, 400, "prompt is empty"),
-    ("/api/chat", {"model": "base", "messages": []}, 400, "messages is empty"),
+    ("/api/generate", {"prompt": ""}, 400, "model"),
+    ("/api/chat", {"model": "nope", "messages": []}, 404, "not served here"),
     ("/api/generate", {"model": "base", "prompt": "x", "options": {"temperature": -1}}, 400, "temperature"),
     ("/api/generate", {"model": "base", "prompt": "x", "options": {"top_p": 2}}, 400, "top_p"),
     ("/api/generate", {"model": "base", "prompt": "x", "options": {"temperature": "hot"}}, 400, "temperature"),
@@ -125,8 +125,8 @@ def test_openai_completion_errors(server: ServerProcess) -> None:
 
 
 def test_unknown_route_and_server_still_serves(server: ServerProcess) -> None:
-    missing = httpx.post(f"{server.url}/api/pull", json={"model": "base"})
-    assert missing.status_code == 404 and "POST /api/pull is not a loraplex route" in missing.json()["error"]
+    missing = httpx.post(f"{server.url}/api/push", json={"model": "base"})
+    assert missing.status_code == 404 and "POST /api/push is not a loraplex route" in missing.json()["error"]
     assert httpx.get(f"{server.url}/v1/nothing").json()["error"]["type"] == "invalid_request_error"
     ok = httpx.post(
         f"{server.url}/api/generate",

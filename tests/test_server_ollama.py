@@ -105,6 +105,33 @@ def test_keep_alive_and_num_ctx_accepted(client: ollama.Client) -> None:
     assert error.value.status_code == 400 and "context holds 8" in error.value.error
 
 
+def test_preload_and_unload_requests_answer_as_ollama_does(client: ollama.Client, server: ServerProcess) -> None:
+    """`ollama run` preloads with an empty prompt (or no messages); keep_alive 0 with nothing to generate
+    unloads. Both answer done at once, nothing generated and nothing queued."""
+    loaded = client.generate(model="chatbot", prompt="")
+    assert (loaded.done, loaded.done_reason, loaded.response) == (True, "load", "")
+    chat = client.chat(model="code", messages=[])
+    assert (chat.done, chat.done_reason, chat.message.content) == (True, "load", "")
+    for keep_alive in (0, "0", "0s", "0m"):
+        assert client.generate(model="base", keep_alive=keep_alive).done_reason == "unload", keep_alive
+    assert client.chat(model="base", messages=[], keep_alive=0).done_reason == "unload"
+    assert client.generate(model="base", prompt="", keep_alive="5m").done_reason == "load"
+    streamed = list(client.generate(model="summarization", prompt="", stream=True))
+    assert len(streamed) == 1 and streamed[0].done_reason == "load"
+    with pytest.raises(ollama.ResponseError) as error:
+        client.generate(model="nope", prompt="")
+    assert error.value.status_code == 404
+    assert client.generate(model="base", prompt=PROMPT, options=GREEDY).eval_count == 4, "the model still serves"
+
+
+def test_pull_of_a_served_model_succeeds_and_of_another_is_a_404(client: ollama.Client) -> None:
+    assert client.pull("chatbot").status == "success"
+    assert [p.status for p in client.pull("llama3", stream=True)] == ["pulling manifest", "success"]
+    with pytest.raises(ollama.ResponseError) as error:
+        client.pull("mistral:7b")
+    assert error.value.status_code == 404 and "not served here" in error.value.error
+
+
 def test_tags_ps_show_version(client: ollama.Client, server: ServerProcess) -> None:
     names = [m.model for m in client.list().models]
     assert names == ["base:latest", "chatbot:latest", "code:latest", "summarization:latest"]
