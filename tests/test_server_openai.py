@@ -98,3 +98,19 @@ def test_stop_and_seed(client: openai.OpenAI) -> None:
     kwargs = {"model": "chatbot", "messages": MESSAGES, "max_tokens": 5, "temperature": 1.0, "seed": 11}
     first = client.chat.completions.create(**kwargs).choices[0].message.content
     assert client.chat.completions.create(**kwargs).choices[0].message.content == first
+
+
+def test_null_fields_mean_the_defaults(server: ServerProcess) -> None:
+    """Fields the OpenAI spec marks nullable accept null as "use the default", on both routes."""
+    names = "n stream stream_options temperature top_p stop seed presence_penalty frequency_penalty logit_bias user"
+    nulls = dict.fromkeys([*names.split(), "max_tokens"])
+    chat = {"model": "chatbot", "messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 3}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=chat | nulls)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 1 and response.json()["usage"]["completion_tokens"] <= 3
+    completion = {"model": "code", "prompt": "def add(a, b):"} | nulls | {"echo": None, "best_of": None}
+    response = httpx.post(f"{server.url}/v1/completions", json=completion)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] <= 16, "null max_tokens is the legacy default, 16"
+    missing = httpx.post(f"{server.url}/v1/completions", json={"model": None, "prompt": "x"})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "model"
