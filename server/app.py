@@ -76,6 +76,7 @@ _BODIES = {
     "/api/embed": schemas.OllamaEmbedRequest,
     "/api/embeddings": schemas.OllamaEmbeddingsRequest,
     "/api/show": schemas.OllamaShowRequest,
+    "/api/pull": schemas.OllamaPullRequest,
     "/v1/chat/completions": schemas.ChatCompletionRequest,
     "/v1/completions": schemas.CompletionRequest,
     "/v1/load_lora_adapter": adapters_api.LoadLoRARequest,

@@ -27,6 +27,7 @@ SERVED = {
     "/api/embeddings",
     "/api/tags",
     "/api/ps",
+    "/api/pull",
     "/api/show",
     "/api/version",
     "/api/create",
