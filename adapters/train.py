@@ -6,7 +6,7 @@
 Each adapter keeps the rank, alpha and targets of ``make_random.SPECS`` (the engine's tests rely on them).
 Every example goes through the tokenizer's chat template and is trained on the response tokens only (plain
 text, with no prompt, would be trained on every token). Weights are stored in float16 with an
-``adapter_config.json`` that PEFT and ``engine.lora.config.load_adapter`` both read, plus a short card.
+``adapter_config.json`` that PEFT and ``loraplex.engine.lora.config.load_adapter`` both read, plus a short card.
 """
 
 from __future__ import annotations
@@ -226,8 +226,8 @@ Run `python -m adapters.eval` to fill this in.
 def load_base(num_threads: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.config import load_config
-    from engine.loader import resolve_model_dir
+    from loraplex.engine.core.config import load_config
+    from loraplex.engine.model.loader import resolve_model_dir
 
     torch.set_num_threads(num_threads)
     model_dir = resolve_model_dir(load_config().model)[0]

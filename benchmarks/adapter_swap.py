@@ -55,10 +55,10 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from adapters.make_random import SHAPES, make_adapter  # noqa: E402
-from engine.config import EngineConfig, load_config  # noqa: E402
-from engine.engine import LLMEngine, RequestOutput  # noqa: E402
-from engine.scheduler import SchedulerOutput  # noqa: E402
-from engine.sequence import Request, SamplingParams  # noqa: E402
+from loraplex.engine.core.config import EngineConfig, load_config  # noqa: E402
+from loraplex.engine.core.engine import LLMEngine, RequestOutput  # noqa: E402
+from loraplex.engine.core.scheduler import SchedulerOutput  # noqa: E402
+from loraplex.engine.core.sequence import Request, SamplingParams  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 ALL_TARGETS = [module.split(".")[1] for module in SHAPES]
@@ -569,7 +569,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
 
 def load_tokenizer(config: EngineConfig) -> transformers.PreTrainedTokenizerBase:
-    from engine.loader import resolve_model_dir
+    from loraplex.engine.model.loader import resolve_model_dir
 
     return transformers.AutoTokenizer.from_pretrained(resolve_model_dir(config.model)[0])
 

@@ -1,11 +1,11 @@
 """Time of one decode step at small batch sizes: the default engine against its CPU fallbacks.
 
 Light serving load decodes a few sequences at a time: every step reads all the weights for a few rows, which is
-where the CPU kernels' projections (``engine/cpu_linear.py``, ``engine/csrc/panel_linear.cpp``) are meant to
-pay. Four engines run in one process:
+where the CPU kernels' projections (``engine/kernels/cpu/linear.py``, ``engine/kernels/cpu/csrc/panel_linear.cpp``)
+are meant to pay. Four engines run in one process:
 
     default         projections in the kernels' panels over the GGUF file's 4-bit blocks, the LM head over its
-                    8-bit ones (engine/gguf_weights.py), decode attention and LoRA through the kernels
+                    8-bit ones (engine/kernels/cpu/gguf_weights.py), decode attention and LoRA through the kernels
     float32-weights ``model.gguf_weights = false``: the same kernels over the weights dequantized to float32
                     (the same outputs to the bit, about 5x the base's bytes)
     no-kernels      ``model.cpu_kernels = false``: projections through oneDNN's packed weights, the LM head as
@@ -41,9 +41,9 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from engine.config import load_config  # noqa: E402
-from engine.engine import LLMEngine  # noqa: E402
-from engine.sequence import Request, SamplingParams  # noqa: E402
+from loraplex.engine.core.config import load_config  # noqa: E402
+from loraplex.engine.core.engine import LLMEngine  # noqa: E402
+from loraplex.engine.core.sequence import Request, SamplingParams  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 PROMPT_LEN = 64

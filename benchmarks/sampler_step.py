@@ -8,7 +8,7 @@ random logits over the default model's 49,152-token vocabulary with 200-token hi
 - openai: OpenAI's defaults (temperature 1, top_p 1, no penalties);
 - penalties: temperature 0.7, top_p 0.95, presence and frequency penalties 0.5.
 
-``--against REV`` also times ``engine/sampling.py`` as of git revision REV in the same process, alternating
+``--against REV`` also times ``engine/model/sampling.py`` as of git revision REV in the same process, alternating
 with the working tree's, so the two see the same machine.
 
     python benchmarks/sampler_step.py                          # results in benchmarks/results/
@@ -37,8 +37,8 @@ for path in (ROOT, ROOT / "benchmarks"):  # run as a script from anywhere; engin
 import torch  # noqa: E402
 from engine_throughput import cpu_model, source_revision  # noqa: E402
 
-from engine.sampling import Sampler  # noqa: E402
-from engine.sequence import Request, SamplingParams, Sequence  # noqa: E402
+from loraplex.engine.core.sequence import Request, SamplingParams, Sequence  # noqa: E402
+from loraplex.engine.model.sampling import Sampler  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 VOCAB = 49152
@@ -64,9 +64,9 @@ def batch(profile: str, size: int, seed: int) -> tuple[torch.Tensor, list[Sequen
 
 
 def sampler_at(revision: str) -> Callable:
-    """``Sampler`` from ``engine/sampling.py`` as of ``revision``."""
+    """``Sampler`` from ``loraplex/engine/model/sampling.py`` as of ``revision``."""
     source = subprocess.run(
-        ["git", "show", f"{revision}:engine/sampling.py"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["git", "show", f"{revision}:engine/model/sampling.py"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
     folder = Path(tempfile.mkdtemp())
     (folder / "sampling_at_revision.py").write_text(source)
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> dict:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="batches 1,4, 2 repeats")
-    parser.add_argument("--against", default="", help="also time engine/sampling.py at this git revision")
+    parser.add_argument("--against", default="", help="also time engine/model/sampling.py at this git revision")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)

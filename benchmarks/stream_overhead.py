@@ -41,9 +41,9 @@ import transformers  # noqa: E402
 from engine_throughput import cpu_model, source_revision  # noqa: E402
 from http_load import Servers, loraplex_deployment  # noqa: E402
 
-from engine.config import load_config  # noqa: E402
-from engine.engine import LLMEngine  # noqa: E402
-from engine.sequence import Request, SamplingParams  # noqa: E402
+from loraplex.engine.core.config import load_config  # noqa: E402
+from loraplex.engine.core.engine import LLMEngine  # noqa: E402
+from loraplex.engine.core.sequence import Request, SamplingParams  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 ENDPOINT = "chatbot"

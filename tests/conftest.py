@@ -7,8 +7,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Triton's interpreter runs the CUDA kernels (engine/triton_decode.py) on CPU tensors. Triton reads this when
-# it is imported, so it is set before anything here imports it.
+# Triton's interpreter runs the CUDA kernels (engine/kernels/cuda/triton_decode.py) on CPU tensors. Triton reads
+# this when it is imported, so it is set before anything here imports it.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from collections.abc import Callable
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import EngineConfig, load_config
-from engine.engine import LLMEngine
-from engine.loader import resolve_model_dir
+from loraplex.engine.core.config import EngineConfig, load_config
+from loraplex.engine.core.engine import LLMEngine
+from loraplex.engine.model.loader import resolve_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTERS = {name: ROOT / "adapters" / name for name in ("chatbot", "code", "summarization")}
@@ -28,7 +28,7 @@ ADAPTERS = {name: ROOT / "adapters" / name for name in ("chatbot", "code", "summ
 @pytest.fixture(scope="session")
 def triton_interpreter() -> None:
     """The CUDA kernels' tests need Triton, imported in interpreter mode (set above)."""
-    from engine import triton_decode
+    from loraplex.engine.kernels.cuda import triton_decode
 
     assert triton_decode.INTERPRETED, "triton (a test dependency) must be importable, in interpreter mode"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.kv_cache import KVCache
+from loraplex.engine.model.kv_cache import KVCache
 
 
 def scattered_case(

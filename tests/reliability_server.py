@@ -1,4 +1,4 @@
-"""The real app from server/app.py with a real engine, served by uvicorn in a thread on loopback.
+"""The real app from loraplex/server/app.py with a real engine, served by uvicorn in a thread on loopback.
 
 In-process so a test can reach the engine (inject a fault, read the KV pool and slot references) while the
 requests still travel over real HTTP. ``config`` starts from the server tests' config (small limits, the
@@ -18,9 +18,9 @@ import httpx
 import uvicorn
 from test_server_harness import free_port, write_config
 
-from engine.config import EngineConfig, load_config
-from server.app import _Listener, build_asgi
-from server.state import ServerState
+from loraplex.engine.core.config import EngineConfig, load_config
+from loraplex.server.app import _Listener, build_asgi
+from loraplex.server.state import ServerState
 
 
 def config(**sections: dict[str, Any]) -> EngineConfig:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.errors import AdapterError
-from engine.lora.config import load_adapter
+from loraplex.engine.core.errors import AdapterError
+from loraplex.engine.lora.config import load_adapter
 from tests.conftest import ADAPTERS
 
 SHAPES = {

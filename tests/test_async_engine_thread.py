@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from engine.async_engine import AsyncEngine
+from loraplex.engine.core.async_engine import AsyncEngine
 
 
 class _IdleEngine:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from engine.block_manager import BlockManager, block_keys
+from loraplex.engine.core.block_manager import BlockManager, block_keys
 
 
 def check_invariants(bm: BlockManager) -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import load_config
-from engine.errors import ConfigError
+from loraplex.engine.core.config import load_config
+from loraplex.engine.core.errors import ConfigError
 
 
 def test_default_config_has_the_four_endpoints_with_the_old_replica_counts() -> None:
@@ -67,8 +67,8 @@ def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> No
 
 
 def test_adapter_paths_are_confined_to_the_roots(tmp_path: Path) -> None:
-    from engine.config import AdaptersConfig
-    from engine.errors import AdapterError
+    from loraplex.engine.core.config import AdaptersConfig
+    from loraplex.engine.core.errors import AdapterError
 
     root = tmp_path / "root"
     (root / "good").mkdir(parents=True)

@@ -7,11 +7,11 @@ import pytest
 import torch
 from paged_cases import scattered_case, sdpa_reference
 
-from engine import cpu_kernels
-from engine.config import ModelConfig
-from engine.engine import LLMEngine
-from engine.kv_cache import KVCache
-from engine.lora.ops import lora_reference
+from loraplex.engine.core.config import ModelConfig
+from loraplex.engine.core.engine import LLMEngine
+from loraplex.engine.kernels.cpu import extension as cpu_kernels
+from loraplex.engine.lora.ops import lora_reference
+from loraplex.engine.model.kv_cache import KVCache
 
 
 @pytest.fixture(scope="module")

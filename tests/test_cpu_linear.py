@@ -1,6 +1,7 @@
-"""The CPU matmul swaps of engine/cpu_linear.py: same results as ``nn.Linear``, same parameters, same ties.
+"""The CPU matmul swaps of engine/kernels/cpu/linear.py: same results as ``nn.Linear``, same parameters, same ties.
 
-``PanelLinear`` runs the ``panel_linear`` CPU kernel (engine/csrc/panel_linear.cpp); ``PackedLinear`` is oneDNN.
+``PanelLinear`` runs the ``panel_linear`` CPU kernel (engine/kernels/cpu/csrc/panel_linear.cpp); ``PackedLinear`` is
+oneDNN.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from engine import cpu_kernels
-from engine.config import EngineConfig, ModelConfig
-from engine.cpu_linear import (
+from loraplex.engine.core.config import EngineConfig, ModelConfig
+from loraplex.engine.core.engine import LLMEngine
+from loraplex.engine.core.sequence import Request, SamplingParams
+from loraplex.engine.kernels.cpu import extension as cpu_kernels
+from loraplex.engine.kernels.cpu.linear import (
     PackedLinear,
     PanelLinear,
     Q4PanelLinear,
@@ -24,8 +27,6 @@ from engine.cpu_linear import (
     packing_available,
     uses_packed_weights,
 )
-from engine.engine import LLMEngine
-from engine.sequence import Request, SamplingParams
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN")
 

@@ -1,4 +1,4 @@
-"""engine/cpu_norm.py: the RMSNorm kernel against transformers' ``LlamaRMSNorm``, and the swap in a model."""
+"""engine/kernels/cpu/norm.py: the RMSNorm kernel against transformers' ``LlamaRMSNorm``, and the swap in a model."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from engine import cpu_kernels
-from engine.cpu_norm import KernelRMSNorm, swap_rms_norms
+from loraplex.engine.kernels.cpu import extension as cpu_kernels
+from loraplex.engine.kernels.cpu.norm import KernelRMSNorm, swap_rms_norms
 
 
 @pytest.fixture(scope="module")

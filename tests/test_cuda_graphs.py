@@ -1,4 +1,4 @@
-"""Bucketing and layout of decode-only steps for CUDA graphs (engine/cuda_graphs.py), on the CPU.
+"""Bucketing and layout of decode-only steps for CUDA graphs (loraplex/engine/model/cuda_graphs.py), on the CPU.
 
 The forward pass itself is checked against the oracle in test_oracle.py; capture and replay need a GPU and are
 checked by benchmarks/gpu_check.py's oracle stage."""
@@ -7,10 +7,20 @@ from __future__ import annotations
 
 import pytest
 
-from engine.cuda_graphs import CONTEXT, FIELDS, LORA, POSITION, SLOT, TOKEN, batch_buckets, bucket_for, width_for
-from engine.engine import LLMEngine
-from engine.scheduler import ScheduledChunk
-from engine.sequence import Request, SamplingParams, Sequence
+from loraplex.engine.core.engine import LLMEngine
+from loraplex.engine.core.scheduler import ScheduledChunk
+from loraplex.engine.core.sequence import Request, SamplingParams, Sequence
+from loraplex.engine.model.cuda_graphs import (
+    CONTEXT,
+    FIELDS,
+    LORA,
+    POSITION,
+    SLOT,
+    TOKEN,
+    batch_buckets,
+    bucket_for,
+    width_for,
+)
 
 
 def test_batch_buckets_end_at_max_num_seqs() -> None:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from engine.detokenizer import Detokenizer
+from loraplex.engine.core.detokenizer import Detokenizer
 
 TEXTS = [
     "def main(argv):\n    return {'naïve': [1, 2.5]}  # café\n",

@@ -17,7 +17,7 @@ import pytest
 import torch
 from reliability_server import InProcessServer, config
 
-from engine.sequence import Request, SamplingParams
+from loraplex.engine.core.sequence import Request, SamplingParams
 
 BUDGET = 256  # the harness's max_num_batched_tokens
 EMBED_TOKENS = 4096

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine.engine import LLMEngine, RequestOutput
-from engine.errors import QueueFullError, RequestError, UnknownEndpointError
-from engine.sequence import FinishReason, Request, SamplingParams
+from loraplex.engine.core.engine import LLMEngine, RequestOutput
+from loraplex.engine.core.errors import QueueFullError, RequestError, UnknownEndpointError
+from loraplex.engine.core.sequence import FinishReason, Request, SamplingParams
 
 
 def prompt(engine: LLMEngine, text: str = "Tell me about the moon.") -> list[int]:

@@ -1,4 +1,4 @@
-"""Weights kept in the GGUF file's own blocks (engine/gguf_weights.py): 4-bit projections through
+"""Weights kept in the GGUF file's own blocks (loraplex/engine/kernels/cpu/gguf_weights.py): 4-bit projections through
 ``panel_linear_q4``, 8-bit tied embeddings and LM head through ``row_major_linear_q8``.
 
 The claim is exactness: the blocks are used only where they reproduce the loaded float32 weight, and the
@@ -18,17 +18,11 @@ from gguf.quants import dequantize
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from engine import cpu_kernels
-from engine.config import EngineConfig, ModelConfig
-from engine.cpu_linear import (
-    PanelLinear,
-    Q4PanelLinear,
-    Q8Embedding,
-    Q8RowMajorLinear,
-    RowMajorLinear,
-)
-from engine.engine import LLMEngine
-from engine.gguf_weights import (
+from loraplex.engine.core.config import EngineConfig, ModelConfig
+from loraplex.engine.core.engine import LLMEngine
+from loraplex.engine.core.sequence import Request, SamplingParams
+from loraplex.engine.kernels.cpu import extension as cpu_kernels
+from loraplex.engine.kernels.cpu.gguf_weights import (
     Q4Panels,
     Q8Rows,
     _dequantize,
@@ -39,8 +33,14 @@ from engine.gguf_weights import (
     to_panels,
     unpack_q8_blocks,
 )
-from engine.loader import load_model
-from engine.sequence import Request, SamplingParams
+from loraplex.engine.kernels.cpu.linear import (
+    PanelLinear,
+    Q4PanelLinear,
+    Q8Embedding,
+    Q8RowMajorLinear,
+    RowMajorLinear,
+)
+from loraplex.engine.model.loader import load_model
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def test_a_projection_that_does_not_match_its_blocks_stays_float32(loaded, gguf_
     with torch.no_grad():
         down.weight[5, 7] = original + 1e-3
     try:
-        with caplog.at_level(logging.INFO, logger="engine.gguf_weights"):
+        with caplog.at_level(logging.INFO, logger="loraplex.engine.kernels.cpu.gguf_weights"):
             q4 = read_q4_projections(gguf_tensors, loaded.model)
     finally:
         with torch.no_grad():
@@ -244,7 +244,7 @@ def test_engine_tokens_and_memory_with_q4_projections(
 
 
 def test_gguf_weights_setting_is_a_bool() -> None:
-    from engine.errors import ConfigError
+    from loraplex.engine.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"model\.gguf_weights"):
         ModelConfig(gguf_weights="yes")

@@ -21,9 +21,9 @@ from benchmarks.gpu.llama3_8b import (
     load_random_llama3,
     make_random_adapters,
 )
-from engine.config import EndpointConfig, EngineConfig, LimitsConfig, ModelConfig
-from engine.engine import LLMEngine
-from engine.sequence import Request, SamplingParams
+from loraplex.engine.core.config import EndpointConfig, EngineConfig, LimitsConfig, ModelConfig
+from loraplex.engine.core.engine import LLMEngine
+from loraplex.engine.core.sequence import Request, SamplingParams
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llama_models") is None, reason="the Llama 3 tokenizer needs: pip install llama-models"

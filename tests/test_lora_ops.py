@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine.lora.layers import LoRABatch, LoRAMapping, LoRASegment, MultiLoRALinear
-from engine.lora.ops import column_mask, lora_grouped, lora_masked_dense, lora_reference
+from loraplex.engine.lora.layers import LoRABatch, LoRAMapping, LoRASegment, MultiLoRALinear
+from loraplex.engine.lora.ops import column_mask, lora_grouped, lora_masked_dense, lora_reference
 
 NUM_SLOTS = 4  # resident adapters, slots 1..4
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from adapters.make_random import make_adapter
-from engine.engine import LLMEngine
-from engine.errors import AdapterError, UnknownEndpointError
-from engine.sequence import Request, SamplingParams
+from loraplex.engine.core.engine import LLMEngine
+from loraplex.engine.core.errors import AdapterError, UnknownEndpointError
+from loraplex.engine.core.sequence import Request, SamplingParams
 
 NUM_ADAPTERS = 20
 NEW_TOKENS = 8

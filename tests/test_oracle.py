@@ -12,9 +12,9 @@ import textwrap
 
 import pytest
 
-from engine.cpu_linear import PackedLinear
-from engine.engine import LLMEngine
-from engine.sequence import Request, SamplingParams
+from loraplex.engine.core.engine import LLMEngine
+from loraplex.engine.core.sequence import Request, SamplingParams
+from loraplex.engine.kernels.cpu.linear import PackedLinear
 
 NEW_TOKENS = 32
 ENDPOINTS = ["base", "chatbot", "code", "summarization"]
@@ -126,7 +126,7 @@ def test_prefix_cache_reuse_matches_oracle(make_engine, oracle, prompts) -> None
 
 
 def test_static_decode_path_matches_oracle(make_engine, oracle, prompts) -> None:
-    """The forward pass that CUDA graphs capture (engine/cuda_graphs.py), run here without capture: decode-only
+    """The forward pass that CUDA graphs capture (engine/model/cuda_graphs.py), run here without capture: decode-only
     steps padded to a batch bucket and a power-of-two block-table width, padding rows writing into the scratch
     block. Late arrivals and chunked prefill interleave eager mixed steps with padded decode-only ones."""
     engine = make_engine(max_num_batched_tokens=96, max_num_seqs=12)

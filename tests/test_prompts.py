@@ -6,8 +6,8 @@ import ollama
 import pytest
 from test_server_harness import ServerProcess, shared_server
 
-from engine.errors import RequestError
-from server.prompts import render_go_template
+from loraplex.engine.core.errors import RequestError
+from loraplex.server.prompts import render_go_template
 
 TEMPLATE = "{{ if .System }}<sys>{{ .System }}</sys>\n{{ end }}<user>{{ .Prompt }}</user>\n{{ .Response }}<end>"
 # (system, prompt): text that looks like Go or Jinja template source, which the model must see as written

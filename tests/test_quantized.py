@@ -13,10 +13,10 @@ import dataclasses
 
 import torch
 
-from engine.config import EngineConfig
-from engine.engine import LLMEngine
-from engine.loader import load_model
-from engine.sequence import Request, SamplingParams
+from loraplex.engine.core.config import EngineConfig
+from loraplex.engine.core.engine import LLMEngine
+from loraplex.engine.core.sequence import Request, SamplingParams
+from loraplex.engine.model.loader import load_model
 from tests.conftest import ADAPTERS
 
 NEW_TOKENS = 16

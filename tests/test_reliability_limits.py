@@ -18,8 +18,8 @@ import pytest
 from reliability_server import InProcessServer, config
 from test_server_harness import COUNTING, COUNTING_OPTIONS
 
-from engine.config import AuthConfig
-from server.auth import KeyChecker
+from loraplex.engine.core.config import AuthConfig
+from loraplex.server.auth import KeyChecker
 
 KEY, ADMIN_KEY = "sk-test-user-key", "sk-test-admin-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.sampling import CANDIDATES, Sampler, _draw, _nucleus, apply_penalties, sample_filtered
-from engine.sequence import Request, SamplingParams, Sequence
+from loraplex.engine.core.sequence import Request, SamplingParams, Sequence
+from loraplex.engine.model.sampling import CANDIDATES, Sampler, _draw, _nucleus, apply_penalties, sample_filtered
 
 VOCAB = 1000
 

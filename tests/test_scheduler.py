@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import random
 
-from engine.block_manager import BlockManager
-from engine.config import LimitsConfig
-from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import Request, SamplingParams, Sequence, SequenceStatus
+from loraplex.engine.core.block_manager import BlockManager
+from loraplex.engine.core.config import LimitsConfig
+from loraplex.engine.core.scheduler import Scheduler, SchedulerOutput
+from loraplex.engine.core.sequence import Request, SamplingParams, Sequence, SequenceStatus
 
 SLOTS = {"base": 1, "chatbot": 3, "code": 2, "summarization": 1}
 

@@ -11,8 +11,8 @@ import httpx
 import pytest
 from test_server_harness import PROMPT, ServerProcess, shared_server
 
-from engine.errors import RequestError
-from engine.sequence import SamplingParams
+from loraplex.engine.core.errors import RequestError
+from loraplex.engine.core.sequence import SamplingParams
 
 SEEDS = [-1, -2, 0, 2**63, 2**64, 10**30]
 SAMPLED = {"temperature": 1.0, "top_p": 1.0}

@@ -23,9 +23,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from adapters.make_random import SHAPES, make_adapter
-from engine.config import AdaptersConfig, EngineConfig
-from server.app import create_app
-from server.state import ServerState
+from loraplex.engine.core.config import AdaptersConfig, EngineConfig
+from loraplex.server.app import create_app
+from loraplex.server.state import ServerState
 from tests.test_server_harness import ADAPTERS, REPO, ServerProcess, free_port
 
 PROMPT = "Once upon a time, in a small village by the sea,"
@@ -85,7 +85,7 @@ def server(roots: Path) -> Iterator[ServerProcess]:
     log_path = Path(folder.name) / "server.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "serve", "--config", str(config)],
+            [sys.executable, "-m", "loraplex.cli", "serve", "--config", str(config)],
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -9,9 +9,9 @@ from pathlib import Path
 import openai
 from test_server_harness import shared_server
 
-from engine.config import load_config
-from engine.engine import LLMEngine
-from engine.sequence import Request, SamplingParams
+from loraplex.engine.core.config import load_config
+from loraplex.engine.core.engine import LLMEngine
+from loraplex.engine.core.sequence import Request, SamplingParams
 
 ENDPOINTS = ["base", "chatbot", "code", "summarization"]
 QUESTIONS = [

@@ -7,8 +7,14 @@ import openai
 import pytest
 from test_server_harness import PROMPT, ServerProcess, shared_server
 
-from engine.errors import AdapterError, EngineDeadError, QueueFullError, RequestError, UnknownEndpointError
-from server.errors import error_body, to_api_error
+from loraplex.engine.core.errors import (
+    AdapterError,
+    EngineDeadError,
+    QueueFullError,
+    RequestError,
+    UnknownEndpointError,
+)
+from loraplex.server.errors import error_body, to_api_error
 
 USER = [{"role": "user", "content": PROMPT}]
 

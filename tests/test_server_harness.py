@@ -144,7 +144,7 @@ def start_server(grace_period: float = 60) -> ServerProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "serve", "--config", str(config)],
+            [sys.executable, "-m", "loraplex.cli", "serve", "--config", str(config)],
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,

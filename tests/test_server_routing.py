@@ -11,11 +11,11 @@ import openai
 import pytest
 from test_server_harness import PROMPT, ServerProcess, shared_server, write_config
 
-from engine.config import load_config
-from engine.engine import LLMEngine
-from engine.errors import ConfigError, UnknownEndpointError
-from engine.sequence import Request, SamplingParams
-from server.routing import SCOPE_KEY, EndpointRouter
+from loraplex.engine.core.config import load_config
+from loraplex.engine.core.engine import LLMEngine
+from loraplex.engine.core.errors import ConfigError, UnknownEndpointError
+from loraplex.engine.core.sequence import Request, SamplingParams
+from loraplex.server.routing import SCOPE_KEY, EndpointRouter
 
 MAX_TOKENS = 6
 MESSAGES = [{"role": "user", "content": PROMPT}]

@@ -12,10 +12,10 @@ from collections.abc import Callable
 
 import pytest
 
-from engine.engine import LLMEngine
-from engine.lora.layers import MultiLoRALinear
-from engine.lora.slots import SlotTable
-from engine.sequence import FinishReason, Request, SamplingParams
+from loraplex.engine.core.engine import LLMEngine
+from loraplex.engine.core.sequence import FinishReason, Request, SamplingParams
+from loraplex.engine.lora.layers import MultiLoRALinear
+from loraplex.engine.lora.slots import SlotTable
 from tests.test_engine import prompt, run, tokens
 
 NEW_TOKENS = 16

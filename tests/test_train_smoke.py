@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTraine
 
 from adapters import data, train
 from adapters.make_random import SPECS
-from engine.lora.config import load_adapter
+from loraplex.engine.lora.config import load_adapter
 
 HIDDEN, INTERMEDIATE, KV_HEADS, HEAD_DIM = 64, 128, 2, 16
 

@@ -1,4 +1,4 @@
-"""The CUDA paged decode kernel (engine/triton_decode.py), run on the CPU by Triton's interpreter.
+"""The CUDA paged decode kernel (loraplex/engine/kernels/cuda/triton_decode.py), run on the CPU by Triton's interpreter.
 
 Against SDPA over each sequence's gathered context (the same reference as the CPU kernel's), in float32 and
 float16, and inside the engine, eager and through the decode-graph forward, against the default engine's
@@ -12,11 +12,11 @@ import pytest
 import torch
 from paged_cases import scattered_case, sdpa_reference
 
-from engine import triton_decode
-from engine.cpu_norm import swap_rms_norms
-from engine.engine import LLMEngine
-from engine.sequence import Request, SamplingParams
-from engine.triton_norm import TritonRMSNorm
+from loraplex.engine.core.engine import LLMEngine
+from loraplex.engine.core.sequence import Request, SamplingParams
+from loraplex.engine.kernels.cpu.norm import swap_rms_norms
+from loraplex.engine.kernels.cuda import triton_decode
+from loraplex.engine.kernels.cuda.triton_norm import TritonRMSNorm
 
 
 @pytest.fixture
@@ -81,8 +81,8 @@ def test_availability_needs_cuda_and_a_power_of_two_head() -> None:
 @pytest.mark.slow
 def test_engine_tokens_through_the_kernel_equal_the_default_engines(interpreted, make_engine) -> None:
     """The kernel in the engine's decode path, eagerly and in the decode-graph forward (uncaptured on the CPU),
-    with every RMSNorm through the Triton one too (engine/triton_norm.py), as the engine runs on CUDA: greedy
-    tokens of a mixed-adapter batch equal the default engine's, token for token."""
+    with every RMSNorm through the Triton one too (engine/kernels/cuda/triton_norm.py), as the engine runs on CUDA:
+    greedy tokens of a mixed-adapter batch equal the default engine's, token for token."""
     requests = [
         Request(f"r{i}", endpoint, prompt, SamplingParams(max_tokens=12, ignore_eos=True))
         for i, (endpoint, prompt) in enumerate(

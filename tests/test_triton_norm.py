@@ -1,4 +1,4 @@
-"""The CUDA RMSNorm kernel (engine/triton_norm.py), run on the CPU by Triton's interpreter, against
+"""The CUDA RMSNorm kernel (engine/kernels/cuda/triton_norm.py), run on the CPU by Triton's interpreter, against
 transformers' ``LlamaRMSNorm``. Inside the engine it is checked in tests/test_triton_decode.py."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from engine import triton_norm
+from loraplex.engine.kernels.cuda import triton_norm
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 

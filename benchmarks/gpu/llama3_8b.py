@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from adapters.make_random import make_adapter  # noqa: E402
-from engine.loader import LoadedModel  # noqa: E402
+from loraplex.engine.model.loader import LoadedModel  # noqa: E402
 
 LLAMA3_VOCAB = 128256  # 128,000 BPE tokens + 256 special tokens
 BOS, EOT, EOS, PAD = "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>", "<|finetune_right_pad_id|>"

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/../.."
 A=.gpu_assets
 grep -qxF "/$A/" .git/info/exclude 2>/dev/null || echo "/$A/" >>.git/info/exclude
 rm -rf "$A" && mkdir -p "$A/gguf_a" "$A/gguf_b" "$A/wheels" "$A/tokenizer"
-GGUF=$(python -c 'from engine.loader import default_gguf_path; print(default_gguf_path())')
+GGUF=$(python -c 'from loraplex.engine.model.loader import default_gguf_path; print(default_gguf_path())')
 TOKENIZER=$(python -c 'from benchmarks.gpu.llama3_8b import llama3_tokenizer_file; print(llama3_tokenizer_file())')
 NAME=$(basename "$GGUF")
 split -n 2 -d -a 2 "$GGUF" "$A/$NAME.part-"

@@ -1,0 +1,127 @@
+"""Value types of one request as it moves through the engine."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from loraplex.engine.core.errors import RequestError
+
+# Temperatures below this are greedy (vLLM's ``_SAMPLING_EPS``): dividing logits by them overflows to inf/NaN.
+SAMPLING_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop. Validated on construction; messages say what to change."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0  # 0 (or below SAMPLING_EPS) = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # 1 = off; divides positive logits of recent tokens, multiplies negative
+    repeat_last_n: int = 64  # window of prompt + output tokens the repetition penalty looks at; -1 = all
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None  # any integer (the engine reduces it modulo 2**64); None = a random seed
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "use 1 or more"),
+            (self.temperature >= 0, "temperature", "use 0 (greedy) or a positive number"),
+            (0 < self.top_p <= 1, "top_p", "use a value in (0, 1]"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "use 0 (off) or a positive integer"),
+            (0 <= self.min_p <= 1, "min_p", "use a value in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty", "use a positive number (1 = off)"),
+            (self.repeat_last_n >= -1, "repeat_last_n", "use -1 (all), 0 (off) or a positive window"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "use a value in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "use a value in [-2, 2]"),
+            (self.seed is None or isinstance(self.seed, int), "seed", "use an integer or leave it out"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop", "use non-empty strings"),
+        ]
+        for ok, name, hint in checks:
+            if not ok:
+                raise RequestError(f"{name} = {getattr(self, name)!r} is invalid; {hint}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < SAMPLING_EPS
+
+
+@dataclass
+class Request:
+    """What a caller submits: an endpoint, prompt tokens and sampling parameters.
+
+    An ``embed`` request generates nothing: its prompt is prefilled like any other (chunked, within the token
+    budget, batched with other requests' steps) and it finishes with its hidden states pooled into one vector.
+    """
+
+    request_id: str
+    endpoint: str
+    prompt_token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    arrival_time: float = field(default_factory=time.monotonic)
+    embed: bool = False
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or max_model_len
+    ABORT = "abort"  # the caller went away or asked to cancel
+    ERROR = "error"  # the engine failed while running it
+
+
+@dataclass
+class Sequence:
+    """A request being served: its tokens, how many of them the KV cache holds, and its adapter slot."""
+
+    request: Request
+    lora_name: str | None = None  # the adapter of the request's endpoint; None = base
+    lora_slot: int = 0  # where that adapter is resident while the sequence runs; 0 = base
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
+    output_text: str = ""  # detokenized output, stop strings cut
+    num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    prefill_done_time: float | None = None
+    cache_salt: bytes = b""  # names the adapter (and its version) in prefix-cache keys; b"" = the base
+    block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the full blocks so far
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache supplied when the sequence was first admitted
+
+    @property
+    def seq_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def endpoint(self) -> str:
+        return self.request.endpoint
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.request.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.request.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

@@ -1,0 +1,198 @@
+"""Running one request through the engine for a route: limits, submission, timings and stream hygiene.
+
+Both APIs share this. ``start`` waits for the first output before the route answers, so every refusal the
+engine makes (bad prompt, full queue, dead loop) becomes an HTTP status instead of a broken stream; the
+stream it returns closes the engine's generator however the response ends, so a client that disconnects
+aborts its request and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from fastapi import Request as HTTPRequest
+
+from loraplex.engine.core.engine import RequestOutput
+from loraplex.engine.core.errors import RequestError
+from loraplex.engine.core.sequence import FinishReason, Request, SamplingParams
+from loraplex.server import limits
+from loraplex.server.errors import APIError
+from loraplex.server.state import ServerState
+
+NS = 1_000_000_000
+T = TypeVar("T")
+
+
+def request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def context_limit(state: ServerState, num_ctx: int | None = None) -> int:
+    """Tokens one sequence may hold: max_model_len, or less when the request asks for a smaller context."""
+    max_len = state.config.limits.max_model_len
+    return min(num_ctx, max_len) if num_ctx else max_len
+
+
+def max_new_tokens(requested: int | None, num_prompt_tokens: int, limit: int) -> int:
+    """Tokens to generate: as requested but within the context; None or negative means up to the limit."""
+    room = limit - num_prompt_tokens
+    if room < 1:
+        raise RequestError(
+            f"the prompt has {num_prompt_tokens} tokens but the context holds {limit}; shorten it to at most "
+            f"{limit - 1} tokens"
+        )
+    if requested is None or requested < 0:
+        return room
+    if requested == 0:
+        raise RequestError("max tokens = 0 would generate nothing; ask for 1 or more (or -1 for no limit)")
+    return min(requested, room)
+
+
+@dataclass
+class Completed:
+    """Everything a non-streaming response needs from a finished request."""
+
+    text: str
+    token_ids: list[int]
+    last: RequestOutput
+
+
+async def start(
+    state: ServerState,
+    endpoint: str,
+    prompt_token_ids: list[int],
+    params: SamplingParams,
+    arrival_time: float,
+    rid: str,
+    embed: bool = False,
+) -> AsyncIterator[RequestOutput]:
+    """Submit a request and wait for its first output; returns the stream of all its outputs."""
+    _, async_engine = state.require_engine()
+    limits.check_sampling(state, params)
+    request = Request(rid, endpoint, prompt_token_ids, params, arrival_time=arrival_time, embed=embed)
+    outputs = limits.guarded(state, endpoint, async_engine.generate(request), arrival_time)
+    try:
+        first = await anext(outputs)
+        raise_if_failed(first)  # failed in its first step: still an HTTP status, not a 200 with an error chunk
+    except BaseException:
+        await outputs.aclose()
+        raise
+    return _stream(state, endpoint, first, outputs)
+
+
+async def _stream(
+    state: ServerState, endpoint: str, first: RequestOutput, rest: AsyncIterator[RequestOutput]
+) -> AsyncIterator[RequestOutput]:
+    try:
+        async for out in _prepend(first, rest):
+            if out.finished:
+                state.metrics.observe(endpoint, out)
+            yield out
+    finally:
+        await rest.aclose()  # leaving early aborts the request in the engine
+
+
+async def _prepend(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    yield first
+    async for out in rest:
+        yield out
+
+
+async def unless_disconnected(request: HTTPRequest, work: Awaitable[T], poll_s: float = 0.25) -> T:
+    """Await ``work`` but cancel it if the client goes away: a non-streaming request (or a stream still
+    waiting for its first token) is aborted in the engine instead of running on for nobody."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise APIError(499, "the client closed the request")
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+async def embed(
+    state: ServerState, http_request: HTTPRequest, endpoint: str, token_lists: list[list[int]], arrival_time: float
+) -> list[RequestOutput]:
+    """Embed each input as a request of its own: the scheduler batches and chunks them with everyone else's
+    steps, and they count against the queue, the deadline and the endpoint's limits like any request. At most
+    half the endpoint's admission cap is in flight at once (a long list goes in waves instead of a 503). The
+    first failure, or the client leaving, aborts the rest."""
+    window = asyncio.Semaphore(max(1, state.admission.endpoint_cap(endpoint) // 2))
+
+    async def one(token_ids: list[int]) -> RequestOutput:
+        async with window:
+            params = SamplingParams(max_tokens=1)
+            outputs = await start(state, endpoint, token_ids, params, arrival_time, request_id("embed"), embed=True)
+            async with contextlib.aclosing(outputs):
+                return (await collect(outputs)).last
+
+    async def all_of_them() -> list[RequestOutput]:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(ids)) for ids in token_lists]
+        return [t.result() for t in tasks]
+
+    try:
+        return await unless_disconnected(http_request, all_of_them())
+    except BaseExceptionGroup as group:  # the TaskGroup's: report the first failure, as one request would
+        raise group.exceptions[0] from None
+
+
+async def collect(outputs: AsyncIterator[RequestOutput]) -> Completed:
+    """Run a request to the end for a non-streaming response; an engine failure is a 500."""
+    text, token_ids, last = [], [], None
+    async for out in outputs:
+        text.append(out.text_delta)
+        token_ids += out.new_token_ids
+        last = out
+    assert last is not None and last.finished, "an engine stream ends with a finished output"
+    raise_if_failed(last)
+    return Completed("".join(text), token_ids, last)
+
+
+def raise_if_failed(out: RequestOutput) -> None:
+    if isinstance(out, limits.DeadlineExceeded):
+        raise APIError(504, str(out.error))
+    if out.finish_reason is FinishReason.ERROR:
+        raise APIError(500, f"generation failed in the engine: {out.error}")
+
+
+@dataclass
+class Timings:
+    """Ollama's durations in nanoseconds, all measured by the engine (monotonic clock).
+
+    load_duration is the time the request waited before the engine first scheduled it: the model itself is
+    always loaded, so queueing is the only delay before work starts.
+    """
+
+    total_duration: int
+    load_duration: int
+    prompt_eval_duration: int
+    eval_duration: int
+
+    @classmethod
+    def of(cls, out: RequestOutput) -> Timings:
+        finish = out.finish_time or time.monotonic()
+        scheduled = out.first_scheduled_time or out.arrival_time
+        prefill_done = out.prefill_done_time or finish
+        return cls(
+            total_duration=_ns(finish - out.arrival_time),
+            load_duration=_ns(scheduled - out.arrival_time),
+            prompt_eval_duration=_ns(prefill_done - scheduled),
+            eval_duration=_ns(finish - prefill_done),
+        )
+
+
+def _ns(seconds: float) -> int:
+    return max(0, round(seconds * NS))

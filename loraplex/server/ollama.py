@@ -1,0 +1,314 @@
+"""The Ollama API, field for field as Ollama's api.md documents it.
+
+Generation streams NDJSON by default (``"stream": false`` for one object); every response carries
+Ollama's counts and nanosecond durations, taken from the engine's timestamps.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse, StreamingResponse
+
+from loraplex.engine.core.engine import RequestOutput
+from loraplex.engine.core.errors import RequestError
+from loraplex.engine.core.sequence import FinishReason
+from loraplex.server import catalog
+from loraplex.server.errors import APIError
+from loraplex.server.generation import Timings, collect, context_limit, embed, request_id, start, unless_disconnected
+from loraplex.server.limits import check_embed_tokens
+from loraplex.server.ollama_params import DEFAULTS, refuse_unsupported, sampling_params
+from loraplex.server.prompts import render_chat, render_generate
+from loraplex.server.schemas import (
+    OllamaChatRequest,
+    OllamaEmbeddingsRequest,
+    OllamaEmbedRequest,
+    OllamaGenerateRequest,
+    OllamaPullRequest,
+    OllamaShowRequest,
+    parse_body,
+)
+from loraplex.server.state import ServerState
+
+router = APIRouter()
+NDJSON = "application/x-ndjson"
+VERSION = "0.1.0"  # loraplex's version, reported where Ollama reports its own
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.loraplex
+
+
+def _now() -> str:
+    return catalog.iso(datetime.now(UTC))
+
+
+def _final_fields(out: RequestOutput) -> dict[str, Any]:
+    timings = Timings.of(out)
+    return {
+        "done": True,
+        "done_reason": out.finish_reason.value if out.finish_reason else "stop",
+        "total_duration": timings.total_duration,
+        "load_duration": timings.load_duration,
+        "prompt_eval_count": out.num_prompt_tokens,
+        "prompt_eval_duration": timings.prompt_eval_duration,
+        "eval_count": out.num_output_tokens,
+        "eval_duration": timings.eval_duration,
+    }
+
+
+def _ndjson(model: str, outputs: AsyncIterator[RequestOutput], chat: bool, prompt_ids: list[int]) -> StreamingResponse:
+    async def lines() -> AsyncIterator[bytes]:
+        output_ids: list[int] = []
+        async for out in outputs:
+            output_ids += out.new_token_ids
+            if out.finish_reason is FinishReason.ERROR:
+                yield _line({"error": f"generation failed in the engine: {out.error}"})
+                return
+            if not out.finished and not out.text_delta:
+                continue  # text held back (a partial stop string or character); nothing to send yet
+            chunk: dict[str, Any] = {"model": model, "created_at": _now()}
+            if chat:
+                chunk["message"] = {"role": "assistant", "content": out.text_delta}
+            else:
+                chunk["response"] = out.text_delta
+            if out.finished:
+                chunk |= _final_fields(out)
+                if not chat:
+                    chunk["context"] = prompt_ids + output_ids
+            else:
+                chunk["done"] = False
+            yield _line(chunk)
+
+    return StreamingResponse(lines(), media_type=NDJSON)
+
+
+_ZERO_DURATION = re.compile(r"0+(\.0*)?(ns|us|µs|ms|s|m|h)?")
+
+
+def _lifecycle(model: str, keep_alive: float | str | None, chat: bool) -> dict[str, Any]:
+    """Ollama's answer to a request with nothing to generate: a preload (``done_reason: "load"``), or with
+    ``keep_alive: 0`` an unload. Nothing is loaded or freed here: the base and every adapter stay resident."""
+    unload = keep_alive is not None and (
+        keep_alive == 0 if isinstance(keep_alive, int | float) else bool(_ZERO_DURATION.fullmatch(keep_alive.strip()))
+    )
+    reply: dict[str, Any] = {"model": model, "created_at": _now()}
+    if chat:
+        reply["message"] = {"role": "assistant", "content": ""}
+    else:
+        reply["response"] = ""
+    return reply | {"done": True, "done_reason": "unload" if unload else "load"}
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
+@router.post("/api/generate")
+async def generate(request: Request) -> Any:
+    arrival = time.monotonic()
+    body = await parse_body(request, OllamaGenerateRequest)
+    state = _state(request)
+    endpoint = state.router.resolve(request.scope, body.model)
+    if not body.prompt and not body.context:  # what `ollama run` sends to preload a model
+        return _lifecycle(body.model, body.keep_alive, chat=False)
+    refuse_unsupported(body)
+    engine, _ = state.require_engine()
+    text = render_generate(engine.tokenizer, body.prompt or "", body.system, body.template, body.raw)
+    prompt_ids = [*(body.context or []), *engine.encode_prompt(text)]
+    options = body.options
+    params = sampling_params(options, len(prompt_ids), context_limit(state, options.num_ctx if options else None))
+    rid = request_id("gen")
+    outputs = await unless_disconnected(request, start(state, endpoint, prompt_ids, params, arrival, rid))
+    if body.stream:
+        return _ndjson(body.model, outputs, chat=False, prompt_ids=prompt_ids)
+    done = await unless_disconnected(request, collect(outputs))
+    return {
+        "model": body.model,
+        "created_at": _now(),
+        "response": done.text,
+        **_final_fields(done.last),
+        "context": prompt_ids + done.token_ids,
+    }
+
+
+@router.post("/api/chat")
+async def chat(request: Request) -> Any:
+    arrival = time.monotonic()
+    body = await parse_body(request, OllamaChatRequest)
+    state = _state(request)
+    endpoint = state.router.resolve(request.scope, body.model)
+    if not body.messages:
+        return _lifecycle(body.model, body.keep_alive, chat=True)
+    refuse_unsupported(body)
+    engine, _ = state.require_engine()
+    messages = [{"role": m.role, "content": m.content} for m in body.messages]
+    prompt_ids = engine.encode_prompt(render_chat(engine.tokenizer, messages))
+    options = body.options
+    params = sampling_params(options, len(prompt_ids), context_limit(state, options.num_ctx if options else None))
+    rid = request_id("chat")
+    outputs = await unless_disconnected(request, start(state, endpoint, prompt_ids, params, arrival, rid))
+    if body.stream:
+        return _ndjson(body.model, outputs, chat=True, prompt_ids=prompt_ids)
+    done = await unless_disconnected(request, collect(outputs))
+    return {
+        "model": body.model,
+        "created_at": _now(),
+        "message": {"role": "assistant", "content": done.text},
+        **_final_fields(done.last),
+    }
+
+
+async def _embed(
+    request: Request, state: ServerState, endpoint: str, texts: list[str], truncate: bool
+) -> tuple[list, int, int]:
+    """Vectors, prompt token count, and the nanoseconds the longest-waiting input waited to be scheduled."""
+    engine, _ = state.require_engine()
+    limit = state.config.limits.max_model_len
+    token_lists = []
+    for i, text in enumerate(texts):
+        ids = engine.encode_prompt(text)
+        if not ids:
+            raise APIError(400, f"input {i} is empty; send non-empty text to embed", param="input")
+        if len(ids) > limit and not truncate:
+            raise RequestError(f"input {i} has {len(ids)} tokens, over the context of {limit}; send truncate=true")
+        token_lists.append(ids[:limit])
+    check_embed_tokens(state, token_lists)
+    outputs = await embed(state, request, endpoint, token_lists, time.monotonic())
+    waited = max(Timings.of(out).load_duration for out in outputs)
+    return [out.embedding for out in outputs], sum(len(t) for t in token_lists), waited
+
+
+@router.post("/api/embed")
+async def embed_route(request: Request) -> dict[str, Any]:
+    arrival = time.monotonic()
+    body = await parse_body(request, OllamaEmbedRequest)
+    state = _state(request)
+    endpoint = state.router.resolve(request.scope, body.model)
+    if body.dimensions is not None:
+        raise APIError(400, "dimensions is not supported yet by loraplex; remove it", param="dimensions")
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not texts:
+        raise APIError(400, "input is empty; send a string or a list of strings", param="input")
+    vectors, count, waited = await _embed(request, state, endpoint, texts, body.truncate)
+    return {
+        "model": body.model,
+        "embeddings": vectors,
+        "total_duration": round((time.monotonic() - arrival) * 1e9),
+        "load_duration": waited,
+        "prompt_eval_count": count,
+    }
+
+
+@router.post("/api/embeddings")
+async def embeddings_route(request: Request) -> dict[str, Any]:
+    """The legacy single-prompt form; an empty prompt gets an empty vector, as in Ollama."""
+    body = await parse_body(request, OllamaEmbeddingsRequest)
+    state = _state(request)
+    endpoint = state.router.resolve(request.scope, body.model)
+    if not body.prompt:
+        return {"embedding": []}
+    vectors, _, _ = await _embed(request, state, endpoint, [body.prompt], truncate=True)
+    return {"embedding": vectors[0]}
+
+
+@router.get("/api/tags")
+async def tags(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    engine, _ = state.require_engine()
+    only = state.router.fixed_endpoint(request.scope)
+    return {"models": [e.tags_entry() for e in catalog.entries(engine, only)]}
+
+
+@router.get("/api/ps")
+async def ps(request: Request) -> dict[str, Any]:
+    """The endpoints loaded now: the base always, an adapter endpoint while its adapter sits in a LoRA slot."""
+    state = _state(request)
+    engine, _ = state.require_engine()
+    only = state.router.fixed_endpoint(request.scope)
+    on_gpu = engine.config.model.device.startswith("cuda")
+    expires = catalog.iso(state.started_at + timedelta(days=365 * 100))  # never unloaded, like keep_alive -1
+    context_length = engine.config.limits.max_model_len
+    running = []
+    for e in catalog.entries(engine, only):
+        if e.endpoint.adapter and e.endpoint.name not in engine.lora.slot_of:
+            continue
+        size_vram = e.size if on_gpu else 0
+        running.append(
+            e.tags_entry() | {"expires_at": expires, "size_vram": size_vram, "context_length": context_length}
+        )
+    return {"models": running}
+
+
+@router.post("/api/show")
+async def show(request: Request) -> dict[str, Any]:
+    body = await parse_body(request, OllamaShowRequest)
+    model = body.model or body.name
+    if not model:
+        raise APIError(400, "model is missing; send the model name to describe", param="model")
+    state = _state(request)
+    endpoint = state.router.resolve(request.scope, model)
+    engine, _ = state.require_engine()
+    entry = catalog.entry(engine, endpoint)
+    text_config = engine.model.config.get_text_config()
+    arch = entry.family
+    model_info: dict[str, Any] = {
+        "general.architecture": arch,
+        "general.basename": engine.model_name,
+        "general.parameter_count": sum(p.numel() for p in engine.model.parameters()),
+        f"{arch}.context_length": engine.config.limits.max_model_len,
+        f"{arch}.embedding_length": text_config.hidden_size,
+        f"{arch}.block_count": text_config.num_hidden_layers,
+        f"{arch}.attention.head_count": text_config.num_attention_heads,
+        f"{arch}.attention.head_count_kv": text_config.num_key_value_heads,
+        f"{arch}.vocab_size": text_config.vocab_size,
+    }
+    adapter = entry.adapter()
+    modelfile = f"# Modelfile generated by loraplex\nFROM {engine.model_path}\n"
+    if adapter is not None:
+        modelfile += f"ADAPTER {adapter['path']}\n"
+        model_info |= {f"adapter.{k}": v for k, v in adapter.items()}
+    parameters = "\n".join(f"{k} {v}" for k, v in DEFAULTS.items())
+    return {
+        "license": "",
+        "modelfile": modelfile + "".join(f"PARAMETER {k} {v}\n" for k, v in DEFAULTS.items()),
+        "parameters": parameters,
+        "template": engine.tokenizer.chat_template or "",
+        "details": entry.details(),
+        "model_info": model_info,
+        "adapter": adapter,
+        "capabilities": ["completion"],
+        "modified_at": catalog.iso(entry.modified_at),
+    }
+
+
+@router.post("/api/pull")
+async def pull(request: Request) -> Any:
+    """Clients pull before they run; a served model is already here, so the pull succeeds at once. loraplex
+    never downloads: a model it does not serve is a 404 that lists what it serves."""
+    body = await parse_body(request, OllamaPullRequest)
+    model = body.model or body.name
+    if not model:
+        raise APIError(400, "model is missing; send the model name to pull", param="model")
+    _state(request).router.resolve(request.scope, model)
+    if not body.stream:
+        return {"status": "success"}
+    lines = [_line({"status": "pulling manifest"}), _line({"status": "success"})]
+    return StreamingResponse(iter(lines), media_type=NDJSON)
+
+
+@router.get("/api/version")
+async def version() -> dict[str, str]:
+    return {"version": VERSION}
+
+
+@router.api_route("/", methods=["GET", "HEAD"])
+async def root() -> PlainTextResponse:
+    """Ollama answers its root with this line; some clients probe it to find a server."""
+    return PlainTextResponse("Ollama is running (loraplex)")
