@@ -9,4 +9,13 @@
   ``kernels.prepare_weights`` and ``kernels.attach_decode``.
 
 Nothing here imports ``loraplex.server``.
+
+OpenMP reads its wait policy once, when torch loads it, so it is set here, before any engine module imports
+torch (a program that imports torch first keeps OpenMP's default; a policy set in the environment wins). By
+default an OpenMP thread spins for a while after each parallel region; when another process shares the cores,
+the spinning takes the time the thread doing the step needed (benchmarks/contention.py).
 """
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

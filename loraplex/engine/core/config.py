@@ -28,7 +28,9 @@ class ModelConfig:
     dtype: str = "float32"
     device: str = "cpu"
     quantization: str = "none"  # none | nf4 | int8 (bitsandbytes)
-    num_threads: int = 2  # torch intra-op threads on the CPU; 0 = leave torch's default
+    # CPU threads for torch and the CPU kernels; 0 = the CPUs the container may use: its cgroup's CPU quota, else
+    # the CPUs it may run on (model/threads.py)
+    num_threads: int = 0
     cache_dir: str = ""  # where a GGUF is converted to safetensors; "" = ~/.cache/loraplex
     # float32 on the CPU: pre-pack projection weights, in the CPU kernels' panels or else for oneDNN (fast small
     # batches; kernels/cpu/linear.py)
@@ -56,7 +58,7 @@ class ModelConfig:
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"model.device = {self.device!r}; use 'cpu' or 'cuda[:N]'")
         if self.num_threads < 0:
-            raise ConfigError(f"model.num_threads = {self.num_threads}; use 0 (torch default) or more")
+            raise ConfigError(f"model.num_threads = {self.num_threads}; use 0 (the CPU quota) or more")
         for name in ("packed_weights", "enforce_eager", "cpu_kernels", "gguf_weights", "triton_kernels"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"model.{name} = {getattr(self, name)!r}; use true or false")

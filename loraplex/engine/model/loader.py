@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from loraplex.engine.core.config import ModelConfig
 from loraplex.engine.core.errors import ConfigError
+from loraplex.engine.model.threads import set_threads
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,7 @@ def quantization_config(config: ModelConfig):
 
 def load_model(config: ModelConfig) -> LoadedModel:
     """Load the base model for serving. No forward pass runs here: LoRA must be attached first."""
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
+    set_threads(config.num_threads)
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"model.device = {config.device!r} but no CUDA device is available")
     model_dir, name, gguf_path = resolve_model_dir(config)

@@ -25,8 +25,8 @@ Why hand-written kernels (float32 on the CPU only; CUDA and other dtypes keep th
 
 All are plain loops (compiled with the host's vector instructions) with torch ops as their references in the
 tests. They are compiled with torch's C++ extension builder (g++ and ninja) on first use, into the
-loraplex cache folder under a name keyed by the CPU's instruction-set flags and the torch version, so a cache
-copied to another machine is never run on a CPU it was not built for. If they cannot be built, the engine
+loraplex cache folder under a name keyed by the CPU's instruction-set flags, the torch version and the sources,
+so a cache copied to another machine is never run on a CPU it was not built for. If they cannot be built, the engine
 says why and keeps the torch ops; ``model.cpu_kernels = false`` chooses those outright.
 """
 
@@ -54,9 +54,10 @@ SOURCES = [
         "panel_linear.cpp",
         "row_major_linear.cpp",
         "rms_norm.cpp",
+        "parallel.cpp",
     )
 ]
-HEADERS = [Path(__file__).with_name("csrc") / "vec8.h"]
+HEADERS = [Path(__file__).with_name("csrc") / name for name in ("vec8.h", "parallel.h")]
 OPS = (
     "paged_decode_attention",
     "lora_decode_delta",
@@ -66,6 +67,7 @@ OPS = (
     "row_major_linear",
     "row_major_linear_q8",
     "rms_norm",
+    "set_dynamic_split",
 )
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet in this process
@@ -89,10 +91,12 @@ def _cpu_key() -> str:
     return hashlib.sha256(f"{flags}|{torch.__version__}".encode()).hexdigest()[:16]
 
 
-def _headers_key() -> str:
-    """A hash of the shared headers. torch's builder rebuilds only when the sources or the flags change, so the
-    hash goes into the flags: an edited header then rebuilds every kernel instead of loading a stale build."""
-    return hashlib.sha256(b"".join(h.read_bytes() for h in HEADERS)).hexdigest()[:16]
+def _sources_key() -> str:
+    """A hash of the sources and headers: each version of them builds in a folder of its own. torch's builder
+    rebuilds in place when the sources change, and the linker then rewrites the library under any process that
+    has the other version loaded (another checkout's tests, a server still running), which crashes it; nor would
+    the builder see an edited header. The folder's name sees both."""
+    return hashlib.sha256(b"".join(p.read_bytes() for p in (*SOURCES, *HEADERS))).hexdigest()[:16]
 
 
 def load(cache_root: Path) -> bool:
@@ -116,7 +120,7 @@ def _build_and_load(cache_root: Path) -> bool:
     if shutil.which("ninja") is None or shutil.which(os.environ.get("CXX", "c++")) is None:
         log.warning("CPU kernels not built (they need ninja and a C++ compiler); using the slower torch ops")
         return False
-    build_dir = cache_root / "kernels" / f"cpu_{_cpu_key()}"
+    build_dir = cache_root / "kernels" / f"cpu_{_cpu_key()}_{_sources_key()}"
     build_dir.mkdir(parents=True, exist_ok=True)
     log.info("loading the CPU kernels (compiled on first use, about 45 s on 2 cores) from %s", build_dir)
     try:
@@ -125,7 +129,7 @@ def _build_and_load(cache_root: Path) -> bool:
             sources=[str(p) for p in SOURCES],
             # -ffast-math: the dot products and the softmax's exp vectorise (lane-wise partial sums; the order
             # of a float32 sum differs from torch's in the last bits, as any two kernels' orders do).
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp", f"-DLORAPLEX_HEADERS={_headers_key()}"],
+            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
             is_python_module=False,

@@ -16,7 +16,6 @@
 // region. Either way each output element is y + s_0 b_0 + s_1 b_1 + ... in rank order and each shrink sums in
 // one fixed order, so a row's result does not depend on its batch companions.
 
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -25,6 +24,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "parallel.h"
 #include "vec8.h"
 
 namespace {
@@ -145,7 +145,7 @@ void lora_decode_delta(
   std::vector<float> shrunk(active * rank);
   if (active < 8) {
     // A few rows, mostly of different slots: one parallel region, each row's shrink and expand on one thread.
-    at::parallel_for(0, active, 1, [&](int64_t begin, int64_t end) {
+    loraplex::parallel_for(0, active, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t t = order[i], first = (slot_of[t] - 1) * rank, own = rank_of[slot_of[t] - 1];
         float* sh = shrunk.data() + i * rank;
@@ -158,7 +158,7 @@ void lora_decode_delta(
     });
     return;
   }
-  at::parallel_for(0, active, 4, [&](int64_t begin, int64_t end) {
+  loraplex::parallel_for(0, active, 4, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t = order[i];
       shrink_row(xs + t * in, a_all + (slot_of[t] - 1) * rank * in, in, rank_of[slot_of[t] - 1],
@@ -167,7 +167,7 @@ void lora_decode_delta(
   });
   // Each expand job is one 64-column chunk of the output, over every slot's rows.
   const int64_t chunks = (out_features + kChunk - 1) / kChunk;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  loraplex::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const int64_t c0 = c * kChunk, cols = std::min(kChunk, out_features - c0);
       for (int64_t s = 1; s <= num_slots; ++s) {

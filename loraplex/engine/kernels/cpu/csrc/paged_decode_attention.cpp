@@ -7,7 +7,6 @@
 // they lie. Two passes per sequence: scores (Q K^T, scaled) and their softmax, then the weighted sum of V.
 // Query head i reads KV head i / (num_heads / num_kv_heads), as transformers' repeat_kv does.
 
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -16,6 +15,8 @@
 #include <cmath>
 #include <cstdint>
 #include <vector>
+
+#include "parallel.h"
 
 namespace {
 
@@ -50,7 +51,7 @@ void paged_decode_attention(
   float* out_all = out.data_ptr<float>();
   const float scale_f = static_cast<float>(scale);
 
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+  loraplex::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;           // [heads, n]
     std::vector<float> acc(heads * dim);  // [heads, dim]
     std::vector<float> inv_sum(heads);

@@ -16,7 +16,6 @@
 // and runs the same tile code over it, so its outputs equal panel_linear's on the dequantized weight to the
 // bit while it reads 6 bits a weight from memory instead of 32.
 
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -27,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "parallel.h"
 #include "vec8.h"
 
 namespace {
@@ -129,7 +129,7 @@ at::Tensor pack_linear_weight(const at::Tensor& weight) {  // [N, K] -> [ceil(N 
   at::Tensor packed = at::zeros({panels, k, kCols}, w.options());
   const float* src = w.data_ptr<float>();
   float* dst = packed.data_ptr<float>();
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+  loraplex::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       for (int64_t c = 0; c < kCols && p * kCols + c < n; ++c) {
         const float* row = src + (p * kCols + c) * k;
@@ -159,7 +159,7 @@ at::Tensor over_panels(const char* op, const at::Tensor& x, int64_t depth, int64
   // jobs ordered panel by panel: the threads' shares of the work are even whatever the row count.
   const int64_t row_blocks = (rows + max_block_rows - 1) / max_block_rows;
   const int64_t block_rows = ((rows + row_blocks - 1) / row_blocks + 5) / 6 * 6;
-  at::parallel_for(0, row_blocks * panels, 1, [&](int64_t begin, int64_t end) {
+  loraplex::parallel_for(0, row_blocks * panels, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float scratch[kDepth * kCols];
     for (int64_t job = begin; job < end; ++job) {
       const int64_t p = job / row_blocks, block = job % row_blocks;

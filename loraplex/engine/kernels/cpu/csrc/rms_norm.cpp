@@ -4,7 +4,6 @@
 // 64 rows of 576) each op costs more in dispatch and thread wake-ups than in arithmetic, and a step runs 61 of
 // these norms. One pass per row here: the sum of squares, then the scaled write.
 
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
@@ -13,6 +12,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+
+#include "parallel.h"
 
 namespace {
 
@@ -41,7 +42,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   float* os = out.data_ptr<float>();
   // a decode step's few rows are done by this thread: waking the others would cost more than the work
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(hidden, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  loraplex::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     normalise_rows(xs, ws, os, begin, end, hidden, eps);
   });
   return out;

@@ -14,7 +14,6 @@
 // the values gguf's dequantization gives, and the same group code runs over it, so its logits equal
 // row_major_linear's on the dequantized weight to the bit.
 
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -24,6 +23,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "parallel.h"
 #include "vec8.h"
 
 namespace {
@@ -117,7 +117,7 @@ at::Tensor over_weight_groups(const char* op, const at::Tensor& x, int64_t depth
   const float* xs = x.data_ptr<float>();
   float* ys = y.data_ptr<float>();
   const int64_t groups = (out_features + kWeightRows - 1) / kWeightRows;
-  at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+  loraplex::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
     for (int64_t g = begin; g < end; ++g) {
       const float* w_rows[kWeightRows];

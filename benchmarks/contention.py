@@ -1,0 +1,245 @@
+"""Single-stream decode when another process keeps a core busy: how much more a token costs.
+
+With one busy process on 2 cores, a fair share would make a token cost about 2x; threads that spin, or wait at a
+barrier for a peer the kernel has descheduled, made it 4-5x. Each variant runs in its own process (OpenMP reads
+its wait policy when torch loads, so it cannot change within one):
+
+    old    as before: OpenMP's default spin (torch imported before the engine), the CPU kernels through
+           at::parallel_for (one static chunk per thread, a barrier at the end), ``model.num_threads = 2``
+    new    the defaults: passive OpenMP threads (loraplex/engine/__init__.py), the kernels' dynamic chunks
+           (handed out one at a time; engine/kernels/cpu/csrc/parallel.h), ``model.num_threads = 0`` (the
+           cgroup's CPU quota)
+
+plus, with ``--variants``, ``passive`` (old with passive OpenMP) and ``dynamic`` (old with dynamic chunks), to tell
+the two changes apart, and ``brief`` (new, but spinning ``GOMP_SPINCOUNT=10000`` before sleeping). Every round
+measures each variant quiet, then with one ``yes > /dev/null`` process that this script starts and kills, in an
+order that alternates between rounds, so machine drift hits all alike. A measurement is one request of ``--tokens``
+greedy tokens on the chatbot adapter; its median decode step gives tokens/s. Figures are medians over the rounds;
+the slowdown is quiet tokens/s over busy tokens/s.
+
+    python benchmarks/contention.py                  # results in benchmarks/results/contention.json
+    python benchmarks/contention.py --quick --out /tmp/contention
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# No torch at the top: a variant's process must choose whether torch or the engine loads first.
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "benchmarks"):  # run as a script from anywhere; engine_throughput's helpers
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results"
+ENDPOINT = "chatbot"
+PROMPT = list(range(1000, 1064))  # token ids: greedy decoding runs on for the tokens asked
+REPLY = "@@ "  # marks the lines of the measurement protocol on a child's stdout
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    passive: bool  # OpenMP threads sleep at once (loraplex/engine/__init__.py) instead of spinning first
+    dynamic: bool  # the CPU kernels hand out chunks one at a time instead of one static chunk per thread
+    num_threads: int  # model.num_threads
+    spin_count: int | None = None  # GOMP_SPINCOUNT: how long an OpenMP thread spins before it sleeps
+
+
+VARIANTS = {
+    "old": Variant(passive=False, dynamic=False, num_threads=2),
+    "new": Variant(passive=True, dynamic=True, num_threads=0),
+    "passive": Variant(passive=True, dynamic=False, num_threads=2),
+    "dynamic": Variant(passive=False, dynamic=True, num_threads=2),
+    "brief": Variant(passive=False, dynamic=True, num_threads=0, spin_count=10_000),
+}
+
+
+def serve_measurements(variant: Variant) -> None:
+    """A variant's process: build the default engine, then answer each line ``N`` on stdin with the median
+    decode step (seconds) of one request of N tokens."""
+    if variant.passive:
+        import loraplex.engine  # noqa: F401  before torch: it sets OpenMP's wait policy, read when torch loads
+
+    import torch
+    import transformers
+
+    from loraplex.engine.core.config import load_config
+    from loraplex.engine.core.engine import LLMEngine
+    from loraplex.engine.core.sequence import Request, SamplingParams
+
+    transformers.logging.set_verbosity_error()
+    config = load_config()
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, num_threads=variant.num_threads))
+    engine = LLMEngine(config)
+    if hasattr(torch.ops.loraplex, "set_dynamic_split"):
+        torch.ops.loraplex.set_dynamic_split(variant.dynamic)
+    for count, line in enumerate(sys.stdin):
+        params = SamplingParams(max_tokens=int(line), ignore_eos=True)
+        engine.add_request(Request(f"r{count}", ENDPOINT, PROMPT, params))
+        engine.step()  # the prefill and the first token
+        steps = []
+        while engine.has_unfinished():
+            start = time.perf_counter()
+            engine.step()
+            steps.append(time.perf_counter() - start)
+        print(REPLY + json.dumps({"step_s": statistics.median(steps), "threads": torch.get_num_threads()}), flush=True)
+
+
+class Child:
+    """One variant's process, and the protocol to ask it for a measurement."""
+
+    def __init__(self, name: str) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        if VARIANTS[name].spin_count is not None:
+            env["GOMP_SPINCOUNT"] = str(VARIANTS[name].spin_count)
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--child", name],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+
+    def measure(self, tokens: int) -> dict:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(f"{tokens}\n")
+        self.process.stdin.flush()
+        for line in self.process.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line.removeprefix(REPLY))
+        raise RuntimeError(f"the variant's process ended (exit code {self.process.wait()})")
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.wait()
+
+
+def measure_round(children: dict[str, Child], tokens: int, round_index: int) -> list[dict]:
+    """Every variant quiet and with a hog, the order of loads and variants reversed on odd rounds."""
+    names = list(children)[:: -1 if round_index % 2 else 1]
+    rows = []
+    for load in ("quiet", "hog")[:: -1 if round_index % 2 else 1]:
+        hog = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL) if load == "hog" else None
+        try:
+            for name in names:
+                reply = children[name].measure(tokens)
+                step_ms = reply["step_s"] * 1e3
+                rows.append(
+                    {
+                        "round": round_index,
+                        "variant": name,
+                        "load": load,
+                        "step_ms": round(step_ms, 2),
+                        "tok_s": round(1e3 / step_ms, 2),
+                        "threads": reply["threads"],
+                    }
+                )
+        finally:
+            if hog is not None:
+                hog.kill()
+                hog.wait()
+    return rows
+
+
+def summarise(rows: list[dict], names: list[str]) -> dict:
+    """Per variant: median quiet and busy tokens/s, and their ratio."""
+    summary = {}
+    for name in names:
+        tok_s = {
+            load: statistics.median(r["tok_s"] for r in rows if r["variant"] == name and r["load"] == load)
+            for load in ("quiet", "hog")
+        }
+        summary[name] = {
+            "quiet_tok_s": round(tok_s["quiet"], 2),
+            "hog_tok_s": round(tok_s["hog"], 2),
+            "slowdown": round(tok_s["quiet"] / tok_s["hog"], 2),
+        }
+    return summary
+
+
+def run(args: argparse.Namespace) -> dict:
+    from engine_throughput import cpu_model, source_revision
+
+    children = {name: Child(name) for name in args.variants}
+    rows: list[dict] = []
+    try:
+        for child in children.values():  # warm-up: the first request's one-off costs
+            child.measure(2)
+        for round_index in range(args.rounds):
+            rows += measure_round(children, args.tokens, round_index)
+            print(
+                f"round {round_index + 1} of {args.rounds}: "
+                + ", ".join(f"{r['variant']} {r['load']} {r['tok_s']} tok/s" for r in rows[-2 * len(children) :]),
+                flush=True,
+            )
+    finally:
+        for child in children.values():
+            child.close()
+    summary = summarise(rows, list(children))
+    return {
+        "benchmark": "contention",
+        "machine": {"cpu_model": cpu_model(), "logical_cores": os.cpu_count(), "load_average": os.getloadavg()},
+        "source": source_revision(),
+        "variants": {name: dataclasses.asdict(VARIANTS[name]) for name in children},
+        "settings": {
+            "endpoint": ENDPOINT,
+            "prompt_tokens": len(PROMPT),
+            "tokens": args.tokens,
+            "rounds": args.rounds,
+            "hog": "yes > /dev/null",
+        },
+        "rows": rows,
+        "summary": summary,
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 round of 3 tokens")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument(
+        "--variants",
+        type=lambda s: s.split(","),
+        default=["old", "new"],
+        help=f"comma-separated, of {', '.join(VARIANTS)}",
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(sorted(unknown))}; use {', '.join(VARIANTS)}")
+    if args.quick:
+        args.tokens, args.rounds = 3, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.child:
+        serve_measurements(VARIANTS[args.child])
+        return {}
+    report = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "contention.json").write_text(json.dumps(report, indent=2) + "\n")
+    for name, s in report["summary"].items():
+        print(
+            f"{name}: quiet {s['quiet_tok_s']} tok/s, with a busy process {s['hog_tok_s']} tok/s: "
+            f"{s['slowdown']}x slower"
+        )
+    return report
+
+
+if __name__ == "__main__":
+    main()
