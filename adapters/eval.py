@@ -1,6 +1,6 @@
 """Held-out loss of the base model and of each default adapter on every domain, plus one sample per endpoint.
 
-    python -m adapters.eval                       # adapters/<name>, writes benchmarks/results/adapter_eval.json
+    python -m adapters.eval                     # loraplex/adapters/<name>, writes benchmarks/results/adapter_eval.json
     python -m adapters.eval --adapters /tmp/trained --num-examples 16
 
 Loss is the mean next-token NLL (nats) over the held-out examples' trained tokens: the response for the

@@ -1,6 +1,6 @@
 """LoRA fine-tuning of the default base model on the CPU: one adapter per endpoint, from offline data.
 
-    python -m adapters.train --adapter all              # the three default adapters into adapters/<name>/
+    python -m adapters.train --adapter all              # the three default adapters into loraplex/adapters/<name>/
     python -m adapters.train --adapter code --steps 20 --out /tmp/adapters
 
 Each adapter keeps the rank, alpha and targets of ``make_random.SPECS`` (the engine's tests rely on them).
@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from adapters import data
 from adapters.make_random import SPECS
 
-ADAPTERS_DIR = Path(__file__).resolve().parent
+ADAPTERS_DIR = Path(__file__).resolve().parents[1] / "loraplex" / "adapters"  # shipped in the package
 IGNORE = -100  # label of a token that carries no loss (prompt, padding)
 
 

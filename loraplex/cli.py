@@ -1,14 +1,26 @@
-"""The ``loraplex`` command: ``serve`` runs the HTTP server, ``generate`` runs one offline batch."""
+"""The ``loraplex`` command: ``serve`` runs the HTTP server, ``generate`` runs one offline batch, ``prepare``
+does a first start's one-off work ahead."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 import time
+from pathlib import Path
 
-from loraplex.engine.core.config import load_config
-from loraplex.engine.core.errors import LoraplexError
+from loraplex import __version__
+from loraplex.engine.core.config import (
+    EndpointConfig,
+    EngineConfig,
+    LimitsConfig,
+    ModelConfig,
+    ServerConfig,
+    load_config,
+)
+from loraplex.engine.core.errors import ConfigError, LoraplexError
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -16,7 +28,7 @@ def generate(args: argparse.Namespace) -> None:
     from loraplex.engine.core.engine import LLMEngine
     from loraplex.engine.core.sequence import Request, SamplingParams
 
-    config = load_config(args.config)
+    config = configure(args)
     engine = LLMEngine(config)
     messages = [{"role": "user", "content": args.prompt}]
     prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -40,23 +52,98 @@ def generate(args: argparse.Namespace) -> None:
 def serve(args: argparse.Namespace) -> None:
     from loraplex.server.app import run_server
 
-    run_server(args.config, host=args.host, port=args.port)
+    config = configure(args)
+    if args.host:
+        config.server.host = args.host
+    if args.port:
+        config.server.port = args.port
+    run_server(config)
+
+
+def prepare(args: argparse.Namespace) -> None:
+    """What a first start would do once, done ahead (the README's set-up runs it): the GGUF model converted into
+    the cache and the CPU kernels compiled, so ``serve`` is ready in seconds."""
+    from loraplex.engine import kernels
+    from loraplex.engine.model.loader import cache_root, resolve_model_dir
+
+    config = configure(args)
+    start = time.perf_counter()
+    model_dir, name, _ = resolve_model_dir(config.model)
+    print(f"model {name}: {model_dir}")
+    built = kernels.build(config.model, cache_root(config.model))
+    if built is not None:
+        print("CPU kernels: " + ("ready" if built else "not built (the warning above says why); torch ops serve"))
+    print(f"prepared in {time.perf_counter() - start:.0f} s")
+
+
+def configure(args: argparse.Namespace) -> EngineConfig:
+    """The config file (default: the shipped one), then ``--model`` and ``--adapter`` on top, as ``vllm serve``
+    takes a model and ``--lora-modules``. ``--model`` without ``--config`` serves that model's base alone (the
+    shipped adapters belong to the shipped model); each ``--adapter NAME=PATH`` adds an endpoint NAME, or
+    replaces the one of that name, with one guaranteed slot."""
+    config = load_config(args.config)
+    endpoints = list(config.endpoints)
+    if args.model:
+        path = Path(args.model).expanduser()
+        if not path.exists():
+            raise ConfigError(f"--model {args.model}: no such file or folder")
+        config.model.path = str(path.resolve())
+        if not args.config:
+            endpoints = [EndpointConfig(name="base", aliases=[path.stem] if path.stem != "base" else [])]
+    for spec in args.adapter:
+        name, sep, adapter = spec.partition("=")
+        if not sep or not name or not adapter:
+            raise ConfigError(f"--adapter {spec!r}: write NAME=PATH, e.g. --adapter chatbot=./my-adapters/chatbot")
+        folder = Path(adapter).expanduser()
+        if not folder.is_dir():
+            raise ConfigError(f"--adapter {spec}: {adapter} is not a folder (a PEFT adapter directory)")
+        endpoints = [e for e in endpoints if e.name != name]
+        endpoints.append(EndpointConfig(name=name, adapter=str(folder.resolve())))
+    return dataclasses.replace(config, endpoints=endpoints)  # validated again: names, slots
+
+
+def settings_help() -> str:
+    """Every [model], [limits] and [server] key with its default and the environment variable that sets it."""
+    lines = ["settings (config file key = default; environment variable):"]
+    for section, cls in (("model", ModelConfig), ("limits", LimitsConfig), ("server", ServerConfig)):
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            key = f"{section}.{f.name} = {json.dumps(getattr(defaults, f.name))}"
+            lines.append(f"  {key:<44} {f'LORAPLEX_{section}_{f.name}'.upper()}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"loraplex {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("serve", help="run the Ollama- and OpenAI-compatible HTTP server")
-    p.add_argument("--config", help="TOML config (default: the shipped one)")
+    p = sub.add_parser(
+        "serve",
+        help="run the Ollama- and OpenAI-compatible HTTP server",
+        description="Serve the base model and every adapter endpoint on Ollama's and OpenAI's APIs.",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = sub.add_parser("generate", help="run one prompt on every endpoint in one batch, offline")
+    r = sub.add_parser("prepare", help="convert the model and compile the CPU kernels now, not on the first start")
+    for command in (p, g, r):
+        command.add_argument("--config", help="TOML config (default: the shipped one)")
+        command.add_argument("--model", help="base model: a Hugging Face folder or a .gguf file (replaces model.path)")
+        command.add_argument(
+            "--adapter",
+            action="append",
+            default=[],
+            metavar="NAME=PATH",
+            help="serve the PEFT adapter in PATH as endpoint NAME (repeatable)",
+        )
     p.add_argument("--host", help="override server.host")
     p.add_argument("--port", type=int, help="override server.port")
     p.set_defaults(func=serve)
-    g = sub.add_parser("generate", help="run one prompt on every endpoint in one batch, offline")
-    g.add_argument("--config", help="TOML config (default: the shipped one)")
     g.add_argument("--prompt", default="Explain in two sentences what a LoRA adapter is.")
     g.add_argument("--max-tokens", type=int, default=64)
     g.set_defaults(func=generate)
+    r.set_defaults(func=prepare)
     args = parser.parse_args(argv)
     try:
         args.func(args)

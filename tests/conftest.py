@@ -22,7 +22,7 @@ from loraplex.engine.core.engine import LLMEngine
 from loraplex.engine.model.loader import resolve_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-ADAPTERS = {name: ROOT / "adapters" / name for name in ("chatbot", "code", "summarization")}
+ADAPTERS = {name: ROOT / "loraplex" / "adapters" / name for name in ("chatbot", "code", "summarization")}
 
 
 @pytest.fixture(scope="session")

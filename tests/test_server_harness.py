@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-ADAPTERS = REPO / "adapters"
+ADAPTERS = REPO / "loraplex" / "adapters"
 READY_TIMEOUT_S = 180
 PROMPT = "Explain in two sentences what a LoRA adapter is."
 # A request that runs as long as its num_predict allows, on any machine: a raw counting prompt on the base (no

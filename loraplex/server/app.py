@@ -15,7 +15,6 @@ import signal
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -23,7 +22,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 
-from loraplex.engine.core.config import EngineConfig, load_config
+from loraplex.engine.core.config import EngineConfig
 from loraplex.server import adapters_api, ollama, openai_api, schemas
 from loraplex.server.auth import auth_middleware
 from loraplex.server.errors import APIError, error_response, install_error_handlers
@@ -222,11 +221,6 @@ def _what(config: EngineConfig) -> str:
     return ", ".join(f"{e.name} ({', '.join(e.aliases)})" if e.aliases else e.name for e in config.endpoints)
 
 
-def run_server(config_path: str | Path | None = None, host: str | None = None, port: int | None = None) -> None:
-    """``loraplex serve``: the config file (default: the shipped one) with optional host/port overrides."""
-    config = load_config(config_path)
-    if host:
-        config.server.host = host
-    if port:
-        config.server.port = port
+def run_server(config: EngineConfig) -> None:
+    """``loraplex serve``: one event loop until SIGTERM or SIGINT."""
     asyncio.run(serve(config))

@@ -70,3 +70,12 @@ def attach_decode(runner, lora, model: nn.Module, config: ModelConfig, cpu_kerne
         swap_rms_norms(model, triton_norm.TritonRMSNorm)
     else:
         log.warning("the Triton RMSNorm kernel failed its check (%s); norms use torch's ops", failed)
+
+
+def build(config: ModelConfig, cache) -> bool | None:
+    """Compile this device's kernels now instead of on the first start: the CPU ones when the model would use
+    them (True once loaded, False if they cannot be built); None where there is nothing to build ahead (Triton
+    compiles its kernels on first use)."""
+    from loraplex.engine.kernels.cpu import extension
+
+    return extension.load(cache) if extension.wanted(config) else None
