@@ -94,11 +94,11 @@ def configure(args: argparse.Namespace) -> EngineConfig:
         name, sep, adapter = spec.partition("=")
         if not sep or not name or not adapter:
             raise ConfigError(f"--adapter {spec!r}: write NAME=PATH, e.g. --adapter chatbot=./my-adapters/chatbot")
-        folder = Path(adapter).expanduser()
-        if not folder.is_dir():
-            raise ConfigError(f"--adapter {spec}: {adapter} is not a folder (a PEFT adapter directory)")
+        where = Path(adapter).expanduser()
+        if not (where.is_dir() or (where.suffix == ".gguf" and where.is_file())):
+            raise ConfigError(f"--adapter {spec}: {adapter} is not a PEFT adapter folder or a .gguf LoRA file")
         endpoints = [e for e in endpoints if e.name != name]
-        endpoints.append(EndpointConfig(name=name, adapter=str(folder.resolve())))
+        endpoints.append(EndpointConfig(name=name, adapter=str(where.resolve())))
     return dataclasses.replace(config, endpoints=endpoints)  # validated again: names, slots
 
 
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             action="append",
             default=[],
             metavar="NAME=PATH",
-            help="serve the PEFT adapter in PATH as endpoint NAME (repeatable)",
+            help="serve the LoRA adapter in PATH (a PEFT folder or a .gguf file) as endpoint NAME (repeatable)",
         )
     p.add_argument("--host", help="override server.host")
     p.add_argument("--port", type=int, help="override server.port")

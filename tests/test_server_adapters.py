@@ -311,3 +311,20 @@ def test_runtime_loading_off_is_refused() -> None:
         error = response.json()["error"]
         message = error["message"] if path.startswith("/v1") else error
         assert "turned off" in message and "runtime_loading = false" in message, path
+
+
+def test_a_gguf_lora_file_loads_through_both_apis(server: ServerProcess, roots: Path) -> None:
+    """An Ollama user's adapter as it is: a GGUF file from llama.cpp's converter (tests/test_gguf_adapter.py
+    checks its weights and tokens against PEFT)."""
+    url = server.url
+    shutil.copy(Path(__file__).parent / "fixtures" / "random_lora_r2.gguf", roots / "from-ollama.gguf")
+    created = httpx.post(
+        f"{url}/api/create", json={"model": "gg", "modelfile": "FROM base\nADAPTER from-ollama.gguf\n"}, timeout=60
+    )
+    assert created.status_code == 200 and created.text.splitlines()[-1] == '{"status":"success"}', created.text
+    assert _load(url, "gg-vllm", "from-ollama.gguf").status_code == 200
+    assert httpx.post(f"{url}/api/show", json={"model": "gg"}).json()["adapter"]["rank"] == 2
+    got = _complete(url, "gg")
+    assert got == _complete(url, "gg-vllm") and got != _complete(url, "base")
+    assert httpx.request("DELETE", f"{url}/api/delete", json={"model": "gg"}).status_code == 200
+    assert _unload(url, "gg-vllm").status_code == 200

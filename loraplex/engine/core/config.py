@@ -187,8 +187,8 @@ class AdaptersConfig:
         if not any(resolved == root or root in resolved.parents for root in roots):
             allowed = ", ".join(str(r) for r in roots)
             raise AdapterError(f"adapter path {path!r} is outside the allowed roots ({allowed})")
-        if not resolved.is_dir():
-            raise AdapterError(f"adapter path {path!r} is not a directory")
+        if not (resolved.is_dir() or (resolved.is_file() and resolved.suffix == ".gguf")):
+            raise AdapterError(f"adapter path {path!r} is not a PEFT adapter directory or a .gguf LoRA file")
         return resolved
 
 

@@ -1,4 +1,5 @@
-"""Reading a PEFT LoRA adapter directory and checking it against the base model, in one place.
+"""Reading a LoRA adapter (a PEFT directory, or llama.cpp's GGUF file) and checking it against the base model,
+in one place.
 
 Everything the engine refuses is refused here, with the adapter, the field and the value in the message,
 so a bad adapter fails when it is registered and never inside a forward pass.
@@ -17,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load
 
 from loraplex.engine.core.errors import AdapterError
+from loraplex.engine.lora.gguf_adapter import is_gguf_adapter, read_gguf_adapter
 
 # The projections a Llama-family decoder layer has, by PEFT's short names.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -109,20 +111,29 @@ def _read_weights(name: str, path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_adapter(
-    name: str, path: str | Path, module_shapes: dict[str, tuple[int, int]], max_lora_rank: int
+    name: str,
+    path: str | Path,
+    module_shapes: dict[str, tuple[int, int]],
+    max_lora_rank: int,
+    heads: tuple[int, int] | None = None,
 ) -> LoRAAdapter:
-    """Read and validate a PEFT adapter directory.
+    """Read and validate a PEFT adapter directory or a GGUF LoRA file.
 
     Args:
         module_shapes: base module name (``model.layers.0.self_attn.q_proj``) -> (in_features, out_features).
+        heads: the base's (attention heads, key-value heads); a GGUF adapter's Q and K rows need them.
     Raises:
         AdapterError: naming the adapter, the field and the value.
     """
     path = Path(path)
-    rank, scaling = _check_config(name, _read_config(name, path), max_lora_rank)
+    if is_gguf_adapter(path):
+        config, weights = read_gguf_adapter(name, path, heads)
+    else:
+        config, weights = _read_config(name, path), _read_weights(name, path)
+    rank, scaling = _check_config(name, config, max_lora_rank)
     lora_a: dict[str, torch.Tensor] = {}
     lora_b: dict[str, torch.Tensor] = {}
-    for key, tensor in _read_weights(name, path).items():
+    for key, tensor in weights.items():
         match = _KEY.match(key)
         if match is None:
             raise AdapterError(f"adapter {name!r}: weight {key!r} is not a LoRA A/B matrix of a projection")
@@ -138,7 +149,7 @@ def load_adapter(
             )
         (lora_a if ab == "A" else lora_b)[module] = tensor
     if not lora_a:
-        raise AdapterError(f"adapter {name!r}: no LoRA weights found in adapter_model.safetensors")
+        raise AdapterError(f"adapter {name!r}: no LoRA weights found in {path}")
     if set(lora_a) != set(lora_b):
         raise AdapterError(f"adapter {name!r}: lora_A and lora_B cover different modules")
     targets = tuple(t for t in LORA_TARGETS if any(m.endswith("." + t) for m in lora_a))

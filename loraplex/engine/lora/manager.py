@@ -27,6 +27,8 @@ class LoRAManager:
         self.adapters: dict[str, LoRAAdapter] = {}  # registered (in host memory), by name
         self.slots = SlotTable(max_loras)  # which registered adapters are resident, and where
         self.version = 0  # bumped whenever a slot's weights change (captured CUDA graphs go stale then)
+        text_config = model.config.get_text_config()
+        self.heads = (text_config.num_attention_heads, text_config.num_key_value_heads)  # for GGUF adapters
         self._attach(model, dtype)
 
     def _attach(self, model: nn.Module, dtype: torch.dtype) -> None:
@@ -57,7 +59,7 @@ class LoRAManager:
 
     def read(self, name: str, path: str | Path) -> LoRAAdapter:
         """Read and validate an adapter from disk; changes nothing, so it may run off the engine thread."""
-        return load_adapter(name, path, self.module_shapes, self.max_lora_rank)
+        return load_adapter(name, path, self.module_shapes, self.max_lora_rank, self.heads)
 
     def load_slot(self, name: str, slot: int) -> None:
         """Write a registered adapter into ``slot``, replacing whatever adapter was there before.
