@@ -1,9 +1,11 @@
 """Running one request through the engine for a route: limits, submission, timings and stream hygiene.
 
-Both APIs share this. ``start`` waits for the first output before the route answers, so every refusal the
-engine makes (bad prompt, full queue, dead loop) becomes an HTTP status instead of a broken stream; the
-stream it returns closes the engine's generator however the response ends, so a client that disconnects
-aborts its request and frees its KV blocks.
+Both APIs share this path: ``receive`` reads a body up to its endpoint, the route translates its API's fields
+into an engine ``Request`` (``Call.request``), and ``Call.respond`` submits it and hands the outputs to the
+route's formatter, streamed or whole. ``start`` waits for the first output before the route answers, so
+every refusal the engine makes (bad prompt, full queue, dead loop) becomes an HTTP status instead of a
+broken stream; the stream it returns closes the engine's generator however the response ends, so a client
+that disconnects aborts its request and frees its KV blocks.
 """
 
 from __future__ import annotations
@@ -12,17 +14,19 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any, Generic, Protocol, TypeVar
 
 from fastapi import Request as HTTPRequest
+from fastapi import Response
 
-from loraplex.engine.core.engine import RequestOutput
+from loraplex.engine.core.engine import LLMEngine, RequestOutput
 from loraplex.engine.core.errors import RequestError
 from loraplex.engine.core.sequence import FinishReason, Request, SamplingParams
 from loraplex.server import limits
 from loraplex.server.errors import APIError
+from loraplex.server.schemas import parse_body
 from loraplex.server.state import ServerState
 
 NS = 1_000_000_000
@@ -54,6 +58,59 @@ def max_new_tokens(requested: int | None, num_prompt_tokens: int, limit: int) ->
     return min(requested, room)
 
 
+class ModelBody(Protocol):
+    """What every body of a model route has, in both APIs: the model it asks for."""
+
+    model: str
+
+
+Body = TypeVar("Body", bound=ModelBody)
+
+
+@dataclass
+class Call(Generic[Body]):
+    """A model route's HTTP request, read up to the endpoint it reaches."""
+
+    http: HTTPRequest
+    body: Body
+    state: ServerState
+    endpoint: str
+    arrival_time: float
+
+    @property
+    def engine(self) -> LLMEngine:
+        return self.state.require_engine()[0]
+
+    def encode(self, text: str) -> list[int]:
+        return self.engine.encode_prompt(text)
+
+    def request(self, prefix: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        """The engine request this call runs, under a fresh id that starts with ``prefix``."""
+        return Request(request_id(prefix), self.endpoint, prompt_token_ids, params, arrival_time=self.arrival_time)
+
+    async def respond(
+        self,
+        request: Request,
+        stream: bool,
+        streamed: Callable[[AsyncIterator[RequestOutput]], Response],
+        whole: Callable[[Completed], dict[str, Any]],
+    ) -> Response | dict[str, Any]:
+        """Submit ``request``; then ``streamed`` formats its outputs as they come (``deltas``), or ``whole``
+        formats it once finished. The client leaving before the answer starts aborts it in the engine."""
+        outputs = await unless_disconnected(self.http, start(self.state, request))
+        if stream:
+            return streamed(deltas(outputs))
+        return whole(await unless_disconnected(self.http, collect(outputs)))
+
+
+async def receive(http: HTTPRequest, model: type[Body]) -> Call[Body]:
+    """Parse the body and resolve its endpoint; the arrival time is taken first, so parsing counts in it."""
+    arrival = time.monotonic()
+    body = await parse_body(http, model)
+    state: ServerState = http.app.state.loraplex
+    return Call(http, body, state, state.router.resolve(http.scope, body.model), arrival)
+
+
 @dataclass
 class Completed:
     """Everything a non-streaming response needs from a finished request."""
@@ -63,27 +120,18 @@ class Completed:
     last: RequestOutput
 
 
-async def start(
-    state: ServerState,
-    endpoint: str,
-    prompt_token_ids: list[int],
-    params: SamplingParams,
-    arrival_time: float,
-    rid: str,
-    embed: bool = False,
-) -> AsyncIterator[RequestOutput]:
+async def start(state: ServerState, request: Request) -> AsyncIterator[RequestOutput]:
     """Submit a request and wait for its first output; returns the stream of all its outputs."""
     _, async_engine = state.require_engine()
-    limits.check_sampling(state, params)
-    request = Request(rid, endpoint, prompt_token_ids, params, arrival_time=arrival_time, embed=embed)
-    outputs = limits.guarded(state, endpoint, async_engine.generate(request), arrival_time)
+    limits.check_sampling(state, request.params)
+    outputs = limits.guarded(state, request.endpoint, async_engine.generate(request), request.arrival_time)
     try:
         first = await anext(outputs)
         raise_if_failed(first)  # failed in its first step: still an HTTP status, not a 200 with an error chunk
     except BaseException:
         await outputs.aclose()
         raise
-    return _stream(state, endpoint, first, outputs)
+    return _stream(state, request.endpoint, first, outputs)
 
 
 async def _stream(
@@ -133,8 +181,10 @@ async def embed(
 
     async def one(token_ids: list[int]) -> RequestOutput:
         async with window:
-            params = SamplingParams(max_tokens=1)
-            outputs = await start(state, endpoint, token_ids, params, arrival_time, request_id("embed"), embed=True)
+            request = Request(
+                request_id("embed"), endpoint, token_ids, SamplingParams(max_tokens=1), arrival_time, embed=True
+            )
+            outputs = await start(state, request)
             async with contextlib.aclosing(outputs):
                 return (await collect(outputs)).last
 
@@ -147,6 +197,19 @@ async def embed(
         return await unless_disconnected(http_request, all_of_them())
     except BaseExceptionGroup as group:  # the TaskGroup's: report the first failure, as one request would
         raise group.exceptions[0] from None
+
+
+async def deltas(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    """The outputs worth a chunk of their own: those with text, and the last. An output whose text is held
+    back (a partial stop string or character) gives its tokens to the next one, so no chunk is empty."""
+    held: list[int] = []
+    async with contextlib.aclosing(outputs):  # leaving early aborts the request in the engine
+        async for out in outputs:
+            if not out.finished and not out.text_delta:
+                held += out.new_token_ids
+                continue
+            yield replace(out, new_token_ids=held + out.new_token_ids) if held else out
+            held = []
 
 
 async def collect(outputs: AsyncIterator[RequestOutput]) -> Completed:

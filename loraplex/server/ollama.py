@@ -10,6 +10,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,7 +22,7 @@ from loraplex.engine.core.errors import RequestError
 from loraplex.engine.core.sequence import FinishReason
 from loraplex.server import catalog
 from loraplex.server.errors import APIError
-from loraplex.server.generation import Timings, collect, context_limit, embed, request_id, start, unless_disconnected
+from loraplex.server.generation import Call, Completed, Timings, context_limit, embed, receive
 from loraplex.server.limits import check_embed_tokens
 from loraplex.server.ollama_params import DEFAULTS, refuse_unsupported, sampling_params
 from loraplex.server.prompts import render_chat, render_generate
@@ -63,30 +64,56 @@ def _final_fields(out: RequestOutput) -> dict[str, Any]:
     }
 
 
-def _ndjson(model: str, outputs: AsyncIterator[RequestOutput], chat: bool, prompt_ids: list[int]) -> StreamingResponse:
-    async def lines() -> AsyncIterator[bytes]:
-        output_ids: list[int] = []
-        async for out in outputs:
-            output_ids += out.new_token_ids
-            if out.finish_reason is FinishReason.ERROR:
-                yield _line({"error": f"generation failed in the engine: {out.error}"})
-                return
-            if not out.finished and not out.text_delta:
-                continue  # text held back (a partial stop string or character); nothing to send yet
-            chunk: dict[str, Any] = {"model": model, "created_at": _now()}
-            if chat:
-                chunk["message"] = {"role": "assistant", "content": out.text_delta}
-            else:
-                chunk["response"] = out.text_delta
-            if out.finished:
-                chunk |= _final_fields(out)
-                if not chat:
-                    chunk["context"] = prompt_ids + output_ids
-            else:
-                chunk["done"] = False
-            yield _line(chunk)
+def _content(text: str, chat: bool) -> dict[str, Any]:
+    """The generated text where each route puts it: a chat message, or the generate route's response."""
+    return {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
 
-    return StreamingResponse(lines(), media_type=NDJSON)
+
+@dataclass
+class _Reply:
+    """What one generation request's chunks and answer carry besides the counts."""
+
+    model: str
+    chat: bool
+    prompt_ids: list[int]
+
+    def fields(self, text: str) -> dict[str, Any]:
+        return {"model": self.model, "created_at": _now(), **_content(text, self.chat)}
+
+    def context(self, output_ids: list[int]) -> dict[str, Any]:
+        """/api/generate's final ``context``: the prompt's and the answer's token ids, to continue from."""
+        return {} if self.chat else {"context": self.prompt_ids + output_ids}
+
+    def answer(self, done: Completed) -> dict[str, Any]:
+        return self.fields(done.text) | _final_fields(done.last) | self.context(done.token_ids)
+
+    def stream(self, outputs: AsyncIterator[RequestOutput]) -> StreamingResponse:
+        async def lines() -> AsyncIterator[bytes]:
+            output_ids: list[int] = []
+            async for out in outputs:
+                output_ids += out.new_token_ids
+                if out.finish_reason is FinishReason.ERROR:
+                    yield _line({"error": f"generation failed in the engine: {out.error}"})
+                    return
+                chunk = self.fields(out.text_delta)
+                if out.finished:
+                    chunk |= _final_fields(out) | self.context(output_ids)
+                else:
+                    chunk["done"] = False
+                yield _line(chunk)
+
+        return StreamingResponse(lines(), media_type=NDJSON)
+
+
+async def _generate(call: Call[OllamaGenerateRequest | OllamaChatRequest], prompt_ids: list[int]) -> Any:
+    """Both generation routes once the prompt is tokenized: Ollama's options, then NDJSON or one object."""
+    body, chat = call.body, isinstance(call.body, OllamaChatRequest)
+    options = body.options
+    limit = context_limit(call.state, options.num_ctx if options else None)
+    params = sampling_params(options, len(prompt_ids), limit)
+    reply = _Reply(body.model, chat, prompt_ids)
+    request = call.request("chat" if chat else "gen", prompt_ids, params)
+    return await call.respond(request, body.stream, reply.stream, reply.answer)
 
 
 _ZERO_DURATION = re.compile(r"0+(\.0*)?(ns|us|µs|ms|s|m|h)?")
@@ -98,12 +125,8 @@ def _lifecycle(model: str, keep_alive: float | str | None, chat: bool) -> dict[s
     unload = keep_alive is not None and (
         keep_alive == 0 if isinstance(keep_alive, int | float) else bool(_ZERO_DURATION.fullmatch(keep_alive.strip()))
     )
-    reply: dict[str, Any] = {"model": model, "created_at": _now()}
-    if chat:
-        reply["message"] = {"role": "assistant", "content": ""}
-    else:
-        reply["response"] = ""
-    return reply | {"done": True, "done_reason": "unload" if unload else "load"}
+    reason = "unload" if unload else "load"
+    return {"model": model, "created_at": _now(), **_content("", chat), "done": True, "done_reason": reason}
 
 
 def _line(obj: dict[str, Any]) -> bytes:
@@ -112,95 +135,59 @@ def _line(obj: dict[str, Any]) -> bytes:
 
 @router.post("/api/generate")
 async def generate(request: Request) -> Any:
-    arrival = time.monotonic()
-    body = await parse_body(request, OllamaGenerateRequest)
-    state = _state(request)
-    endpoint = state.router.resolve(request.scope, body.model)
+    call = await receive(request, OllamaGenerateRequest)
+    body = call.body
     if not body.prompt and not body.context:  # what `ollama run` sends to preload a model
         return _lifecycle(body.model, body.keep_alive, chat=False)
     refuse_unsupported(body)
-    engine, _ = state.require_engine()
-    text = render_generate(engine.tokenizer, body.prompt or "", body.system, body.template, body.raw)
-    prompt_ids = [*(body.context or []), *engine.encode_prompt(text)]
-    options = body.options
-    params = sampling_params(options, len(prompt_ids), context_limit(state, options.num_ctx if options else None))
-    rid = request_id("gen")
-    outputs = await unless_disconnected(request, start(state, endpoint, prompt_ids, params, arrival, rid))
-    if body.stream:
-        return _ndjson(body.model, outputs, chat=False, prompt_ids=prompt_ids)
-    done = await unless_disconnected(request, collect(outputs))
-    return {
-        "model": body.model,
-        "created_at": _now(),
-        "response": done.text,
-        **_final_fields(done.last),
-        "context": prompt_ids + done.token_ids,
-    }
+    text = render_generate(call.engine.tokenizer, body.prompt or "", body.system, body.template, body.raw)
+    return await _generate(call, [*(body.context or []), *call.encode(text)])
 
 
 @router.post("/api/chat")
 async def chat(request: Request) -> Any:
-    arrival = time.monotonic()
-    body = await parse_body(request, OllamaChatRequest)
-    state = _state(request)
-    endpoint = state.router.resolve(request.scope, body.model)
+    call = await receive(request, OllamaChatRequest)
+    body = call.body
     if not body.messages:
         return _lifecycle(body.model, body.keep_alive, chat=True)
     refuse_unsupported(body)
-    engine, _ = state.require_engine()
     messages = [{"role": m.role, "content": m.content} for m in body.messages]
-    prompt_ids = engine.encode_prompt(render_chat(engine.tokenizer, messages))
-    options = body.options
-    params = sampling_params(options, len(prompt_ids), context_limit(state, options.num_ctx if options else None))
-    rid = request_id("chat")
-    outputs = await unless_disconnected(request, start(state, endpoint, prompt_ids, params, arrival, rid))
-    if body.stream:
-        return _ndjson(body.model, outputs, chat=True, prompt_ids=prompt_ids)
-    done = await unless_disconnected(request, collect(outputs))
-    return {
-        "model": body.model,
-        "created_at": _now(),
-        "message": {"role": "assistant", "content": done.text},
-        **_final_fields(done.last),
-    }
+    return await _generate(call, call.encode(render_chat(call.engine.tokenizer, messages)))
 
 
 async def _embed(
-    request: Request, state: ServerState, endpoint: str, texts: list[str], truncate: bool
+    call: Call[OllamaEmbedRequest | OllamaEmbeddingsRequest], texts: list[str], truncate: bool
 ) -> tuple[list, int, int]:
     """Vectors, prompt token count, and the nanoseconds the longest-waiting input waited to be scheduled."""
-    engine, _ = state.require_engine()
-    limit = state.config.limits.max_model_len
+    limit = call.state.config.limits.max_model_len
     token_lists = []
     for i, text in enumerate(texts):
-        ids = engine.encode_prompt(text)
+        ids = call.encode(text)
         if not ids:
             raise APIError(400, f"input {i} is empty; send non-empty text to embed", param="input")
         if len(ids) > limit and not truncate:
             raise RequestError(f"input {i} has {len(ids)} tokens, over the context of {limit}; send truncate=true")
         token_lists.append(ids[:limit])
-    check_embed_tokens(state, token_lists)
-    outputs = await embed(state, request, endpoint, token_lists, time.monotonic())
+    check_embed_tokens(call.state, token_lists)
+    outputs = await embed(call.state, call.http, call.endpoint, token_lists, time.monotonic())
     waited = max(Timings.of(out).load_duration for out in outputs)
     return [out.embedding for out in outputs], sum(len(t) for t in token_lists), waited
 
 
 @router.post("/api/embed")
 async def embed_route(request: Request) -> dict[str, Any]:
-    arrival = time.monotonic()
-    body = await parse_body(request, OllamaEmbedRequest)
-    state = _state(request)
-    endpoint = state.router.resolve(request.scope, body.model)
+    call = await receive(request, OllamaEmbedRequest)
+    body = call.body
     if body.dimensions is not None:
         raise APIError(400, "dimensions is not supported yet by loraplex; remove it", param="dimensions")
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts:
         raise APIError(400, "input is empty; send a string or a list of strings", param="input")
-    vectors, count, waited = await _embed(request, state, endpoint, texts, body.truncate)
+    vectors, count, waited = await _embed(call, texts, body.truncate)
     return {
         "model": body.model,
         "embeddings": vectors,
-        "total_duration": round((time.monotonic() - arrival) * 1e9),
+        "total_duration": round((time.monotonic() - call.arrival_time) * 1e9),
         "load_duration": waited,
         "prompt_eval_count": count,
     }
@@ -209,12 +196,10 @@ async def embed_route(request: Request) -> dict[str, Any]:
 @router.post("/api/embeddings")
 async def embeddings_route(request: Request) -> dict[str, Any]:
     """The legacy single-prompt form; an empty prompt gets an empty vector, as in Ollama."""
-    body = await parse_body(request, OllamaEmbeddingsRequest)
-    state = _state(request)
-    endpoint = state.router.resolve(request.scope, body.model)
-    if not body.prompt:
+    call = await receive(request, OllamaEmbeddingsRequest)
+    if not call.body.prompt:
         return {"embedding": []}
-    vectors, _, _ = await _embed(request, state, endpoint, [body.prompt], truncate=True)
+    vectors, _, _ = await _embed(call, [call.body.prompt], truncate=True)
     return {"embedding": vectors[0]}
 
 

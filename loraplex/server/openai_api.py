@@ -19,9 +19,9 @@ from loraplex.engine.core.engine import RequestOutput
 from loraplex.engine.core.sequence import FinishReason, SamplingParams
 from loraplex.server import catalog
 from loraplex.server.errors import APIError, error_body, unsupported
-from loraplex.server.generation import collect, context_limit, max_new_tokens, request_id, start, unless_disconnected
+from loraplex.server.generation import Call, Completed, context_limit, max_new_tokens, receive
 from loraplex.server.prompts import render_chat
-from loraplex.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAIMessage, parse_body
+from loraplex.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAIMessage
 from loraplex.server.state import ServerState
 
 router = APIRouter(prefix="/v1")
@@ -102,32 +102,32 @@ def _sse(obj: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
+def _choice(text: str, out: RequestOutput, chat: bool, streamed: bool) -> dict[str, Any]:
+    """One choice of an answer or a chunk: chat has a message (a delta when streamed), completions text."""
+    if not chat:
+        content: dict[str, Any] = {"text": text}
+    elif streamed:
+        content = {"delta": {"content": text} if text else {}}
+    else:
+        content = {"message": {"role": "assistant", "content": text, "refusal": None}}
+    return {"index": 0, **content, "logprobs": None, "finish_reason": _finish_reason(out)}
+
+
 def _event_stream(
-    outputs: AsyncIterator[RequestOutput], base: dict[str, Any], chat: bool, include_usage: bool, path: str
+    outputs: AsyncIterator[RequestOutput], base: dict[str, Any], chat: bool, include_usage: bool
 ) -> StreamingResponse:
     def chunk(choice: dict[str, Any]) -> dict[str, Any]:
         return base | {"choices": [choice]} | ({"usage": None} if include_usage else {})
 
     async def events() -> AsyncIterator[bytes]:
         if chat:
-            yield _sse(
-                chunk(
-                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                )
-            )
+            opening = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
+            yield _sse(chunk(opening | {"finish_reason": None}))
         async for out in outputs:
             if out.finish_reason is FinishReason.ERROR:
-                error = APIError(500, f"generation failed in the engine: {out.error}")
-                yield _sse(error_body(error, path))
+                yield _sse(error_body(APIError(500, f"generation failed in the engine: {out.error}"), "/v1"))
                 break
-            if not out.finished and not out.text_delta:
-                continue
-            if chat:
-                delta = {"content": out.text_delta} if out.text_delta else {}
-                yield _sse(chunk({"index": 0, "delta": delta, "logprobs": None, "finish_reason": _finish_reason(out)}))
-            else:
-                choice = {"index": 0, "text": out.text_delta, "logprobs": None, "finish_reason": _finish_reason(out)}
-                yield _sse(chunk(choice))
+            yield _sse(chunk(_choice(out.text_delta, out, chat, streamed=True)))
             if out.finished and include_usage:
                 yield _sse(base | {"choices": [], "usage": _usage(out)})
         yield _sse("[DONE]")
@@ -135,32 +135,40 @@ def _event_stream(
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+async def _generate(
+    call: Call[ChatCompletionRequest | CompletionRequest], prompt_ids: list[int], max_tokens: int | None
+) -> Any:
+    """Both routes once the prompt is tokenized: OpenAI's sampling fields, then SSE chunks or one object."""
+    body, chat = call.body, isinstance(call.body, ChatCompletionRequest)
+    params = _sampling(body, max_tokens, len(prompt_ids), context_limit(call.state))
+    request = call.request("chatcmpl" if chat else "cmpl", prompt_ids, params)
+    base = {"id": request.request_id, "created": int(time.time()), "model": body.model, "system_fingerprint": None}
+
+    def streamed(outputs: AsyncIterator[RequestOutput]) -> StreamingResponse:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        return _event_stream(outputs, base | {"object": kind}, chat, include_usage)
+
+    def whole(done: Completed) -> dict[str, Any]:
+        choice = _choice(done.text, done.last, chat, streamed=False)
+        kind = "chat.completion" if chat else "text_completion"
+        return base | {"object": kind, "choices": [choice], "usage": _usage(done.last)}
+
+    return await call.respond(request, body.stream, streamed, whole)
+
+
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Any:
-    arrival = time.monotonic()
-    body = await parse_body(request, ChatCompletionRequest)
-    state = _state(request)
-    endpoint = state.router.resolve(request.scope, body.model)
+    call = await receive(request, ChatCompletionRequest)
+    body = call.body
     _refuse_chat(body)
-    engine, _ = state.require_engine()
-    prompt_ids = engine.encode_prompt(render_chat(engine.tokenizer, _messages(body.messages)))
+    prompt_ids = call.encode(render_chat(call.engine.tokenizer, _messages(body.messages)))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = _sampling(body, max_tokens, len(prompt_ids), context_limit(state))
-    rid = request_id("chatcmpl")
-    outputs = await unless_disconnected(request, start(state, endpoint, prompt_ids, params, arrival, rid))
-    base = {"id": rid, "created": int(time.time()), "model": body.model, "system_fingerprint": None}
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _event_stream(outputs, base | {"object": "chat.completion.chunk"}, True, include_usage, "/v1")
-    done = await unless_disconnected(request, collect(outputs))
-    message = {"role": "assistant", "content": done.text, "refusal": None}
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish_reason(done.last)}
-    return base | {"object": "chat.completion", "choices": [choice], "usage": _usage(done.last)}
+    return await _generate(call, prompt_ids, max_tokens)
 
 
-def _completion_prompt(state: ServerState, body: CompletionRequest) -> list[int]:
-    engine, _ = state.require_engine()
-    prompt = body.prompt
+def _completion_prompt(call: Call[CompletionRequest]) -> list[int]:
+    prompt = call.body.prompt
     if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
         return list(prompt)  # token ids
     if isinstance(prompt, list):
@@ -169,15 +177,13 @@ def _completion_prompt(state: ServerState, body: CompletionRequest) -> list[int]
         prompt = prompt[0]
     if not prompt:
         raise APIError(400, "prompt is empty; send the text to complete", param="prompt")
-    return engine.encode_prompt(prompt)
+    return call.encode(prompt)
 
 
 @router.post("/completions")
 async def completions(request: Request) -> Any:
-    arrival = time.monotonic()
-    body = await parse_body(request, CompletionRequest)
-    state = _state(request)
-    endpoint = state.router.resolve(request.scope, body.model)
+    call = await receive(request, CompletionRequest)
+    body = call.body
     _refuse_common(body)
     if body.suffix:
         raise unsupported("suffix (fill-in-the-middle)", "suffix")
@@ -187,23 +193,7 @@ async def completions(request: Request) -> Any:
         raise APIError(400, f"best_of = {body.best_of} is not supported; send 1", param="best_of")
     if body.logprobs:
         raise unsupported("logprobs", "logprobs")
-    prompt_ids = _completion_prompt(state, body)
-    params = _sampling(body, body.max_tokens, len(prompt_ids), context_limit(state))
-    rid = request_id("cmpl")
-    outputs = await unless_disconnected(request, start(state, endpoint, prompt_ids, params, arrival, rid))
-    base = {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": body.model,
-        "system_fingerprint": None,
-    }
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _event_stream(outputs, base, False, include_usage, "/v1")
-    done = await unless_disconnected(request, collect(outputs))
-    choice = {"index": 0, "text": done.text, "logprobs": None, "finish_reason": _finish_reason(done.last)}
-    return base | {"choices": [choice], "usage": _usage(done.last)}
+    return await _generate(call, _completion_prompt(call), body.max_tokens)
 
 
 def _model_object(entry: catalog.ModelEntry) -> dict[str, Any]:
