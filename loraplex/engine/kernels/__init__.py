@@ -3,8 +3,8 @@
 ``cpu/``: C++ kernels compiled on first start (float32 matmuls over packed or GGUF-block weights, RMSNorm, paged
 decode attention, batched LoRA), with their Python faces. ``cuda/``: Triton kernels (paged decode attention,
 RMSNorm). The engine calls ``prepare_weights`` once the LoRA layers are on, then ``attach_decode`` once its runner
-exists; nothing else in ``core/`` imports from here. Modules here may import ``core.config`` and torch, never
-``core``'s engine or scheduler.
+exists; nothing else in ``core/`` imports from here. Modules here may import ``core.config``, ``lora``'s GGUF
+name map and torch, never ``core``'s engine or scheduler.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ import torch
 
 from loraplex.engine.core.errors import AdapterError
 
-MODULES = {
+# GGUF tensor names of a Llama block -> the module under ``model.layers[i]`` (a GGUF base's too: kernels/cpu)
+LLAMA_PROJECTIONS = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
@@ -56,7 +57,7 @@ def read_gguf_adapter(name: str, path: Path, heads: tuple[int, int] | None) -> t
     weights: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
         match = _NAME.match(tensor.name)
-        if match is None or match["tensor"] not in MODULES:
+        if match is None or match["tensor"] not in LLAMA_PROJECTIONS:
             raise AdapterError(f"adapter {name!r}: tensor {tensor.name!r} is not a LoRA A/B matrix of a projection")
         try:
             data = dequantize(tensor.data, tensor.tensor_type)
@@ -69,8 +70,8 @@ def read_gguf_adapter(name: str, path: Path, heads: tuple[int, int] | None) -> t
             if heads is None:
                 raise AdapterError(f"adapter {name!r}: the base's head counts are needed to read {tensor.name}")
             data = _unpermute(data, heads[0] if match["tensor"] == "attn_q" else heads[1])
-        key = f"base_model.model.model.layers.{match['layer']}.{MODULES[match['tensor']]}.lora_{match['ab'].upper()}"
-        weights[key + ".weight"] = torch.from_numpy(np.ascontiguousarray(data))
+        module = f"model.layers.{match['layer']}.{LLAMA_PROJECTIONS[match['tensor']]}"
+        weights[f"base_model.model.{module}.lora_{match['ab'].upper()}.weight"] = torch.from_numpy(data.copy())
     ranks = {t.shape[0] for k, t in weights.items() if ".lora_A." in k}
     if len(ranks) != 1:
         raise AdapterError(f"adapter {name!r}: its modules have ranks {sorted(ranks)}; one rank is served")

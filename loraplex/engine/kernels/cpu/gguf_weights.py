@@ -31,20 +31,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from loraplex.engine.lora.gguf_adapter import LLAMA_PROJECTIONS
+
 log = logging.getLogger(__name__)
 
 BLOCK = 32  # weights per GGUF block (Q4_0, Q4_1, Q8_0)
 PANEL = 16  # output columns per panel of the CPU kernel
-# GGUF tensor names of a Llama block -> the module under ``model.layers[i]``
-LLAMA_PROJECTIONS = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
 _NAME = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
 
