@@ -78,13 +78,17 @@ def test_availability_needs_cuda_and_a_power_of_two_head() -> None:
     assert triton_decode.available(torch.device("cuda"), 128) == (triton_decode.triton is not None)
 
 
+# Triton's interpreter runs each kernel call in Python: a few decode steps already cover every path.
+NEW_TOKENS = 6
+
+
 @pytest.mark.slow
 def test_engine_tokens_through_the_kernel_equal_the_default_engines(interpreted, make_engine) -> None:
     """The kernel in the engine's decode path, eagerly and in the decode-graph forward (uncaptured on the CPU),
     with every RMSNorm through the Triton one too (engine/kernels/cuda/triton_norm.py), as the engine runs on CUDA:
     greedy tokens of a mixed-adapter batch equal the default engine's, token for token."""
     requests = [
-        Request(f"r{i}", endpoint, prompt, SamplingParams(max_tokens=12, ignore_eos=True))
+        Request(f"r{i}", endpoint, prompt, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
         for i, (endpoint, prompt) in enumerate(
             [("base", [1, 2, 3]), ("chatbot", list(range(40, 75))), ("code", [9] * 20), ("summarization", [5, 6])]
         )
@@ -106,14 +110,15 @@ def test_engine_tokens_through_the_kernel_equal_the_default_engines(interpreted,
     assert swap_rms_norms(eager.model, TritonRMSNorm) == 2 * eager.model.config.num_hidden_layers + 1
     assert tokens(eager) == expected
     layers = eager.model.config.num_hidden_layers
-    assert len(calls) >= 11 * layers and max(calls) == 4, "every decode step of the batch went through the kernel"
+    steps = NEW_TOKENS - 1
+    assert len(calls) >= steps * layers and max(calls) == 4, "every decode step of the batch went through the kernel"
     calls.clear()
     graphed = make_engine({"cpu_kernels": False}, max_num_seqs=8)
     graphed.runner.paged_decode = counted
     swap_rms_norms(graphed.model, TritonRMSNorm)
     graphed.runner.use_decode_graphs(8, 256, capture=False)
     assert tokens(graphed) == expected
-    assert graphed.runner.graphs.replays >= 11 and len(calls) >= 11 * layers
+    assert graphed.runner.graphs.replays >= steps and len(calls) >= steps * layers
 
 
 def test_self_check_passes_the_kernel_and_catches_a_wrong_one(interpreted, monkeypatch) -> None:
