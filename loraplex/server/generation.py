@@ -23,7 +23,7 @@ from fastapi import Response
 
 from loraplex.engine.core.engine import LLMEngine, RequestOutput
 from loraplex.engine.core.errors import RequestError
-from loraplex.engine.core.sequence import FinishReason, Request, SamplingParams
+from loraplex.engine.core.sequence import FinishReason, Request, SamplingParams, TokenLogprob
 from loraplex.server import limits
 from loraplex.server.errors import APIError
 from loraplex.server.schemas import parse_body
@@ -35,6 +35,16 @@ T = TypeVar("T")
 
 def request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def logprobs_count(logprobs: bool | None, top_logprobs: int | None) -> int | None:
+    """The engine's ``logprobs`` from the pair both chat APIs take: None (off), or how many alternatives
+    to return with each token. ``top_logprobs`` alone is refused, as OpenAI and vLLM refuse it."""
+    if top_logprobs is not None and not logprobs:
+        raise APIError(
+            400, "top_logprobs needs logprobs: true; send both, or leave top_logprobs out", param="top_logprobs"
+        )
+    return (top_logprobs or 0) if logprobs else None
 
 
 def context_limit(state: ServerState, num_ctx: int | None = None) -> int:
@@ -117,6 +127,7 @@ class Completed:
 
     text: str
     token_ids: list[int]
+    logprobs: list[TokenLogprob]  # one per token when the request asked for them, else empty
     last: RequestOutput
 
 
@@ -202,26 +213,34 @@ async def embed(
 async def deltas(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
     """The outputs worth a chunk of their own: those with text, and the last. An output whose text is held
     back (a partial stop string or character) gives its tokens to the next one, so no chunk is empty."""
-    held: list[int] = []
+    held: list[RequestOutput] = []
     async with contextlib.aclosing(outputs):  # leaving early aborts the request in the engine
         async for out in outputs:
             if not out.finished and not out.text_delta:
-                held += out.new_token_ids
+                held.append(out)
                 continue
-            yield replace(out, new_token_ids=held + out.new_token_ids) if held else out
+            yield _joined([*held, out]) if held else out
             held = []
+
+
+def _joined(outputs: list[RequestOutput]) -> RequestOutput:
+    """The last output, carrying the tokens (and log-probabilities) of all of them."""
+    token_ids = [t for out in outputs for t in out.new_token_ids]
+    logprobs = [lp for out in outputs for lp in out.logprobs or []]
+    return replace(outputs[-1], new_token_ids=token_ids, logprobs=logprobs)
 
 
 async def collect(outputs: AsyncIterator[RequestOutput]) -> Completed:
     """Run a request to the end for a non-streaming response; an engine failure is a 500."""
-    text, token_ids, last = [], [], None
+    text, token_ids, logprobs, last = [], [], [], None
     async for out in outputs:
         text.append(out.text_delta)
         token_ids += out.new_token_ids
+        logprobs += out.logprobs or []
         last = out
     assert last is not None and last.finished, "an engine stream ends with a finished output"
     raise_if_failed(last)
-    return Completed("".join(text), token_ids, last)
+    return Completed("".join(text), token_ids, logprobs, last)
 
 
 def raise_if_failed(out: RequestOutput) -> None:

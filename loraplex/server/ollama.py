@@ -16,14 +16,16 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
+from transformers import PreTrainedTokenizerBase
 
 from loraplex.engine.core.engine import RequestOutput
 from loraplex.engine.core.errors import RequestError
-from loraplex.engine.core.sequence import FinishReason
+from loraplex.engine.core.sequence import FinishReason, TokenLogprob
 from loraplex.server import catalog
 from loraplex.server.errors import APIError
-from loraplex.server.generation import Call, Completed, Timings, context_limit, embed, receive
+from loraplex.server.generation import Call, Completed, Timings, context_limit, embed, logprobs_count, receive
 from loraplex.server.limits import check_embed_tokens
+from loraplex.server.logprobs import token_entries
 from loraplex.server.ollama_params import DEFAULTS, refuse_unsupported, sampling_params
 from loraplex.server.prompts import render_chat, render_generate
 from loraplex.server.schemas import (
@@ -76,16 +78,20 @@ class _Reply:
     model: str
     chat: bool
     prompt_ids: list[int]
+    tokenizer: PreTrainedTokenizerBase | None  # set when the request asked for logprobs
 
-    def fields(self, text: str) -> dict[str, Any]:
-        return {"model": self.model, "created_at": _now(), **_content(text, self.chat)}
+    def fields(self, text: str, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+        fields = {"model": self.model, "created_at": _now(), **_content(text, self.chat)}
+        if self.tokenizer is not None:
+            fields["logprobs"] = token_entries(self.tokenizer, logprobs)
+        return fields
 
     def context(self, output_ids: list[int]) -> dict[str, Any]:
         """/api/generate's final ``context``: the prompt's and the answer's token ids, to continue from."""
         return {} if self.chat else {"context": self.prompt_ids + output_ids}
 
     def answer(self, done: Completed) -> dict[str, Any]:
-        return self.fields(done.text) | _final_fields(done.last) | self.context(done.token_ids)
+        return self.fields(done.text, done.logprobs) | _final_fields(done.last) | self.context(done.token_ids)
 
     def stream(self, outputs: AsyncIterator[RequestOutput]) -> StreamingResponse:
         async def lines() -> AsyncIterator[bytes]:
@@ -95,7 +101,7 @@ class _Reply:
                 if out.finish_reason is FinishReason.ERROR:
                     yield _line({"error": f"generation failed in the engine: {out.error}"})
                     return
-                chunk = self.fields(out.text_delta)
+                chunk = self.fields(out.text_delta, out.logprobs or [])
                 if out.finished:
                     chunk |= _final_fields(out) | self.context(output_ids)
                 else:
@@ -110,8 +116,9 @@ async def _generate(call: Call[OllamaGenerateRequest | OllamaChatRequest], promp
     body, chat = call.body, isinstance(call.body, OllamaChatRequest)
     options = body.options
     limit = context_limit(call.state, options.num_ctx if options else None)
-    params = sampling_params(options, len(prompt_ids), limit)
-    reply = _Reply(body.model, chat, prompt_ids)
+    logprobs = logprobs_count(body.logprobs, body.top_logprobs)
+    params = sampling_params(options, len(prompt_ids), limit, logprobs)
+    reply = _Reply(body.model, chat, prompt_ids, call.engine.tokenizer if logprobs is not None else None)
     request = call.request("chat" if chat else "gen", prompt_ids, params)
     return await call.respond(request, body.stream, reply.stream, reply.answer)
 

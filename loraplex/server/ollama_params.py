@@ -20,7 +20,9 @@ DEFAULTS = {
 }
 
 
-def sampling_params(options: OllamaOptions | None, num_prompt_tokens: int, context: int) -> SamplingParams:
+def sampling_params(
+    options: OllamaOptions | None, num_prompt_tokens: int, context: int, logprobs: int | None = None
+) -> SamplingParams:
     """num_predict absent or negative (-1 infinite, -2 fill context) means up to the context limit."""
     opts = options or OllamaOptions()
 
@@ -41,6 +43,7 @@ def sampling_params(options: OllamaOptions | None, num_prompt_tokens: int, conte
         frequency_penalty=get("frequency_penalty"),
         seed=None if opts.seed == -1 else opts.seed,  # -1 (Ollama's default): a random seed, as in Ollama
         stop=stop,
+        logprobs=logprobs,
     )
 
 
@@ -50,8 +53,6 @@ def refuse_unsupported(body: OllamaGenerateRequest | OllamaChatRequest) -> None:
         raise unsupported("structured output (format)", "format")
     if body.think:
         raise unsupported("thinking (think)", "think")
-    if body.logprobs:
-        raise unsupported("logprobs", "logprobs")
     if isinstance(body, OllamaGenerateRequest):
         if body.suffix:
             raise unsupported("fill-in-the-middle (suffix)", "suffix")

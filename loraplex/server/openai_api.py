@@ -14,12 +14,14 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from transformers import PreTrainedTokenizerBase
 
 from loraplex.engine.core.engine import RequestOutput
-from loraplex.engine.core.sequence import FinishReason, SamplingParams
+from loraplex.engine.core.sequence import FinishReason, SamplingParams, TokenLogprob
 from loraplex.server import catalog
 from loraplex.server.errors import APIError, error_body, unsupported
-from loraplex.server.generation import Call, Completed, context_limit, max_new_tokens, receive
+from loraplex.server.generation import Call, Completed, context_limit, logprobs_count, max_new_tokens, receive
+from loraplex.server.logprobs import completion_logprobs, token_entries
 from loraplex.server.prompts import render_chat
 from loraplex.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAIMessage
 from loraplex.server.state import ServerState
@@ -32,7 +34,11 @@ def _state(request: Request) -> ServerState:
 
 
 def _sampling(
-    body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None, num_prompt: int, limit: int
+    body: ChatCompletionRequest | CompletionRequest,
+    max_tokens: int | None,
+    num_prompt: int,
+    limit: int,
+    logprobs: int | None,
 ) -> SamplingParams:
     if max_tokens is not None and max_tokens < 1:
         raise APIError(400, f"max_tokens = {max_tokens} is invalid; use 1 or more, or leave it out", param="max_tokens")
@@ -45,6 +51,7 @@ def _sampling(
         frequency_penalty=body.frequency_penalty,
         seed=body.seed,
         stop=stop,
+        logprobs=logprobs,
     )
 
 
@@ -76,8 +83,6 @@ def _refuse_chat(body: ChatCompletionRequest) -> None:
         raise unsupported("tool calling", "tools")
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise unsupported("structured output (response_format)", "response_format")
-    if body.logprobs or body.top_logprobs:
-        raise unsupported("logprobs", "logprobs")
     if not body.messages:
         raise APIError(400, "messages is empty; send at least one message", param="messages")
 
@@ -102,7 +107,28 @@ def _sse(obj: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-def _choice(text: str, out: RequestOutput, chat: bool, streamed: bool) -> dict[str, Any]:
+class _Logprobs:
+    """Each choice's ``logprobs`` in its route's shape, or None when the request did not ask for them.
+    Completions count ``text_offset`` on from where the text of the chunk before ended."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None, chat: bool) -> None:
+        self.tokenizer = tokenizer
+        self.chat = chat
+        self.offset = 0
+
+    def __call__(self, logprobs: list[TokenLogprob]) -> dict[str, Any] | None:
+        if self.tokenizer is None:
+            return None
+        if self.chat:
+            return {"content": token_entries(self.tokenizer, logprobs), "refusal": None}
+        shaped = completion_logprobs(self.tokenizer, logprobs, self.offset)
+        self.offset += sum(len(token) for token in shaped["tokens"])
+        return shaped
+
+
+def _choice(
+    text: str, out: RequestOutput, chat: bool, streamed: bool, logprobs: dict[str, Any] | None
+) -> dict[str, Any]:
     """One choice of an answer or a chunk: chat has a message (a delta when streamed), completions text."""
     if not chat:
         content: dict[str, Any] = {"text": text}
@@ -110,11 +136,11 @@ def _choice(text: str, out: RequestOutput, chat: bool, streamed: bool) -> dict[s
         content = {"delta": {"content": text} if text else {}}
     else:
         content = {"message": {"role": "assistant", "content": text, "refusal": None}}
-    return {"index": 0, **content, "logprobs": None, "finish_reason": _finish_reason(out)}
+    return {"index": 0, **content, "logprobs": logprobs, "finish_reason": _finish_reason(out)}
 
 
 def _event_stream(
-    outputs: AsyncIterator[RequestOutput], base: dict[str, Any], chat: bool, include_usage: bool
+    outputs: AsyncIterator[RequestOutput], base: dict[str, Any], chat: bool, include_usage: bool, logprobs: _Logprobs
 ) -> StreamingResponse:
     def chunk(choice: dict[str, Any]) -> dict[str, Any]:
         return base | {"choices": [choice]} | ({"usage": None} if include_usage else {})
@@ -127,7 +153,7 @@ def _event_stream(
             if out.finish_reason is FinishReason.ERROR:
                 yield _sse(error_body(APIError(500, f"generation failed in the engine: {out.error}"), "/v1"))
                 break
-            yield _sse(chunk(_choice(out.text_delta, out, chat, streamed=True)))
+            yield _sse(chunk(_choice(out.text_delta, out, chat, True, logprobs(out.logprobs or []))))
             if out.finished and include_usage:
                 yield _sse(base | {"choices": [], "usage": _usage(out)})
         yield _sse("[DONE]")
@@ -140,17 +166,19 @@ async def _generate(
 ) -> Any:
     """Both routes once the prompt is tokenized: OpenAI's sampling fields, then SSE chunks or one object."""
     body, chat = call.body, isinstance(call.body, ChatCompletionRequest)
-    params = _sampling(body, max_tokens, len(prompt_ids), context_limit(call.state))
+    count = logprobs_count(body.logprobs, body.top_logprobs) if chat else body.logprobs
+    params = _sampling(body, max_tokens, len(prompt_ids), context_limit(call.state), count)
+    logprobs = _Logprobs(call.engine.tokenizer if count is not None else None, chat)
     request = call.request("chatcmpl" if chat else "cmpl", prompt_ids, params)
     base = {"id": request.request_id, "created": int(time.time()), "model": body.model, "system_fingerprint": None}
 
     def streamed(outputs: AsyncIterator[RequestOutput]) -> StreamingResponse:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         kind = "chat.completion.chunk" if chat else "text_completion"
-        return _event_stream(outputs, base | {"object": kind}, chat, include_usage)
+        return _event_stream(outputs, base | {"object": kind}, chat, include_usage, logprobs)
 
     def whole(done: Completed) -> dict[str, Any]:
-        choice = _choice(done.text, done.last, chat, streamed=False)
+        choice = _choice(done.text, done.last, chat, False, logprobs(done.logprobs))
         kind = "chat.completion" if chat else "text_completion"
         return base | {"object": kind, "choices": [choice], "usage": _usage(done.last)}
 
@@ -191,8 +219,6 @@ async def completions(request: Request) -> Any:
         raise unsupported("echo", "echo")
     if body.best_of not in (None, 1):
         raise APIError(400, f"best_of = {body.best_of} is not supported; send 1", param="best_of")
-    if body.logprobs:
-        raise unsupported("logprobs", "logprobs")
     return await _generate(call, _completion_prompt(call), body.max_tokens)
 
 

@@ -12,6 +12,7 @@ from typing import Any, Literal, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from loraplex.engine.core.sequence import MAX_LOGPROBS
 from loraplex.server.errors import APIError, describe_validation
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -58,6 +59,7 @@ class _OllamaGenerateBase(_Body):
     stream: bool = True
     think: bool | str | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
 
 class OllamaGenerateRequest(_OllamaGenerateBase):
@@ -148,7 +150,7 @@ class ChatCompletionRequest(_OpenAISampling):
     messages: list[OpenAIMessage]
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -162,7 +164,7 @@ class CompletionRequest(_OpenAISampling):
     suffix: str | None = None
     echo: bool = False
     best_of: int | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # alternatives per token (OpenAI: 0-5)
 
 
 async def parse_body(request: Request, model: type[Model]) -> Model:

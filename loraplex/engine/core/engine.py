@@ -19,14 +19,14 @@ from loraplex.engine.core.config import EngineConfig
 from loraplex.engine.core.detokenizer import Detokenizer
 from loraplex.engine.core.errors import AdapterError, QueueFullError, RequestError, UnknownEndpointError
 from loraplex.engine.core.scheduler import ScheduledChunk, Scheduler
-from loraplex.engine.core.sequence import FinishReason, Request, Sequence, SequenceStatus
+from loraplex.engine.core.sequence import FinishReason, Request, Sequence, SequenceStatus, TokenLogprob
 from loraplex.engine.lora.config import LoRAAdapter
 from loraplex.engine.lora.manager import LoRAManager
 from loraplex.engine.model.attention import register_paged_attention
 from loraplex.engine.model.kv_cache import KVCache
 from loraplex.engine.model.loader import LoadedModel, cache_root, load_model, return_freed_memory
 from loraplex.engine.model.runner import ModelRunner
-from loraplex.engine.model.sampling import Sampler
+from loraplex.engine.model.sampling import Sampler, SamplerOutput
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     error: str | None = None
     embedding: list[float] | None = None  # an embed request's vector, in its finished output
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for them
     # Monotonic timestamps (seconds) for the server's durations.
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None
@@ -245,7 +246,8 @@ class LLMEngine:
             logits, hidden = self.runner.execute(inputs)
             self._pool_embeddings(inputs.chunks, hidden)
             seqs = [c.seq for c in inputs.sampled_chunks]
-            tokens = self.sampler(logits, seqs, [self.tracked[s.seq_id].generator for s in seqs]) if seqs else []
+            generators = [self.tracked[s.seq_id].generator for s in seqs]
+            sampled = self.sampler.sample(logits, seqs, generators) if seqs else SamplerOutput([], [])
         except Exception as e:  # a failed step fails its batch, never the engine
             log.exception("step failed; failing the %d requests in it", len(chunks))
             return failed + [
@@ -253,7 +255,8 @@ class LLMEngine:
             ]
         self.stats.steps_total += 1
         self.stats.preemptions_total += len(scheduled.preempted)
-        return failed + self._postprocess(chunks, dict(zip((s.seq_id for s in seqs), tokens, strict=True)))
+        by_seq = zip(sampled.token_ids, sampled.logprobs, strict=True)
+        return failed + self._postprocess(chunks, dict(zip((s.seq_id for s in seqs), by_seq, strict=True)))
 
     def _load_lora_slots(self, loads: list[tuple[str, int]]) -> list[RequestOutput]:
         """Write the adapters placed this step into their slots (host -> slot copies; the disk was read at
@@ -310,7 +313,9 @@ class LLMEngine:
                 tracked.pooled = rows if first else tracked.pooled + rows
             start += chunk.num_tokens
 
-    def _postprocess(self, chunks: list[ScheduledChunk], sampled: dict[str, int]) -> list[RequestOutput]:
+    def _postprocess(
+        self, chunks: list[ScheduledChunk], sampled: dict[str, tuple[int, TokenLogprob | None]]
+    ) -> list[RequestOutput]:
         outputs = []
         now = time.monotonic()
         for chunk in chunks:
@@ -321,12 +326,14 @@ class LLMEngine:
                 outputs.append(self._finish_embedding(self.tracked[seq.seq_id], now))
             if seq.seq_id not in sampled:
                 continue
-            token = sampled[seq.seq_id]
+            token, logprob = sampled[seq.seq_id]
             if not seq.output_token_ids:
                 seq.prefill_done_time = now
             seq.output_token_ids.append(token)
             self.stats.generation_tokens_total += 1
-            outputs.append(self._after_token(self.tracked[seq.seq_id], token))
+            out = self._after_token(self.tracked[seq.seq_id], token)
+            out.logprobs = None if logprob is None else [logprob]
+            outputs.append(out)
         return outputs
 
     def _finish_embedding(self, tracked: _Tracked, now: float) -> RequestOutput:

@@ -10,6 +10,8 @@ from loraplex.engine.core.errors import RequestError
 
 # Temperatures below this are greedy (vLLM's ``_SAMPLING_EPS``): dividing logits by them overflows to inf/NaN.
 SAMPLING_EPS = 1e-5
+# The most alternatives a token's log-probability may come with (OpenAI's and Ollama's top_logprobs cap).
+MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -29,6 +31,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None  # each new token's log-probability and this many top alternatives; None = off
 
     def __post_init__(self) -> None:
         checks = [
@@ -43,6 +46,7 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "use a value in [-2, 2]"),
             (self.seed is None or isinstance(self.seed, int), "seed", "use an integer or leave it out"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "use non-empty strings"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", f"use 0 to {MAX_LOGPROBS}"),
         ]
         for ok, name, hint in checks:
             if not ok:
@@ -51,6 +55,16 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature < SAMPLING_EPS
+
+
+@dataclass
+class TokenLogprob:
+    """A new token's log-probability and its row's most likely tokens, from the log-softmax of the model's raw
+    logits (before penalties, temperature and filters, as vLLM's default raw logprobs)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log-probability), most likely first; ``params.logprobs`` of them
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Turning one step's logits into one token per sequence, for the whole batch at once.
 
-Order: penalties on the raw logits, then greedy rows (temperature below ``SAMPLING_EPS``) take the argmax;
+Order: the log-probabilities of the rows that ask for them, from the raw logits; penalties on the raw logits
+(in place), then greedy rows (temperature below ``SAMPLING_EPS``) take the argmax;
 sampled rows are divided by their temperature, filtered by top-k, top-p and min-p, and drawn with their own
 generator. Each request owns a ``torch.Generator`` seeded from its ``seed`` and makes one draw per token from
 it, over a distribution that depends on its own logits and parameters only, so the same seed and prompt give
@@ -14,9 +15,11 @@ instead of sorting the whole vocabulary. Sorting every row cost about 300 ms per
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from loraplex.engine.core.sequence import SamplingParams, Sequence
+from loraplex.engine.core.sequence import SamplingParams, Sequence, TokenLogprob
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -138,24 +141,67 @@ def _pick(weights: torch.Tensor, ids: torch.Tensor, generators: list[torch.Gener
     return ids.gather(-1, choice[:, None]).squeeze(-1)
 
 
+def token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, counts: list[int]) -> list[TokenLogprob]:
+    """Each row's token log-probability and its ``counts[row]`` most likely tokens, for the whole batch with one
+    gather and one ``topk`` (as wide as the largest count).
+
+    ``logprobs`` [R, vocab] log-softmax of the rows' raw logits; ``tokens`` [R] the tokens drawn."""
+    chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1).tolist()
+    values, ids = logprobs.topk(max(counts), dim=-1)  # [R, k]
+    values, ids = values.tolist(), ids.tolist()
+    return [
+        TokenLogprob(token, chosen[row], list(zip(ids[row][:count], values[row][:count], strict=True)))
+        for row, (token, count) in enumerate(zip(tokens.tolist(), counts, strict=True))
+    ]
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]  # one per row
+    logprobs: list[TokenLogprob | None]  # one per row; None where the request did not ask for them
+
+
 class Sampler:
     def __call__(
         self, logits: torch.Tensor, seqs: list[Sequence], generators: list[torch.Generator | None]
     ) -> list[int]:
         """``logits`` [B, vocab] float32, one row per sequence; returns one token id per row."""
-        apply_penalties(logits, seqs)
-        greedy = logits.argmax(dim=-1)  # [B]
-        tokens = greedy.clone()
+        return self.sample(logits, seqs, generators).token_ids
+
+    def sample(
+        self, logits: torch.Tensor, seqs: list[Sequence], generators: list[torch.Generator | None]
+    ) -> SamplerOutput:
+        """One token per row, and the log-probabilities of the rows that ask for them (``params.logprobs``):
+        the log-softmax of the raw logits, taken before the penalties change ``logits`` in place. Rows that do
+        not ask cost nothing."""
         params = [s.request.params for s in seqs]
-        sampled = [i for i, p in enumerate(params) if not p.is_greedy]
-        plain = [i for i in sampled if _is_plain(params[i], logits.shape[-1])]
-        filtered = [i for i in sampled if not _is_plain(params[i], logits.shape[-1])]
-        if plain:
-            tokens[plain] = sample_plain(_scaled(logits, params, plain, greedy), [generators[i] for i in plain])
-        if filtered:
-            scaled = _scaled(logits, params, filtered, greedy)
-            tokens[filtered] = sample_filtered(scaled, [params[i] for i in filtered], [generators[i] for i in filtered])
-        return tokens.tolist()
+        asking = [i for i, p in enumerate(params) if p.logprobs is not None]
+        raw = logits[asking].log_softmax(dim=-1) if asking else None  # [len(asking), vocab]
+        apply_penalties(logits, seqs)
+        tokens = _draw_tokens(logits, params, generators)
+        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        if raw is not None:
+            counts = [params[i].logprobs for i in asking]
+            for row, logprob in zip(asking, token_logprobs(raw, tokens[asking], counts), strict=True):
+                logprobs[row] = logprob
+        return SamplerOutput(tokens.tolist(), logprobs)
+
+
+def _draw_tokens(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> torch.Tensor:
+    """Greedy rows take the argmax; the others are tempered and drawn, plain or filtered. [B] token ids."""
+    greedy = logits.argmax(dim=-1)  # [B]
+    tokens = greedy.clone()
+    sampled = [i for i, p in enumerate(params) if not p.is_greedy]
+    plain = [i for i in sampled if _is_plain(params[i], logits.shape[-1])]
+    filtered = [i for i in sampled if not _is_plain(params[i], logits.shape[-1])]
+    if plain:
+        tokens[plain] = sample_plain(_scaled(logits, params, plain, greedy), [generators[i] for i in plain])
+    if filtered:
+        scaled = _scaled(logits, params, filtered, greedy)
+        tokens[filtered] = sample_filtered(scaled, [params[i] for i in filtered], [generators[i] for i in filtered])
+    return tokens
 
 
 def _scaled(logits: torch.Tensor, params: list[SamplingParams], rows: list[int], argmax: torch.Tensor) -> torch.Tensor:
