@@ -1,5 +1,5 @@
 """The ``loraplex`` command: ``serve`` runs the HTTP server, ``generate`` runs one offline batch, ``prepare``
-does a first start's one-off work ahead."""
+does a first start's one-off work ahead, ``migrate`` turns Ollama models into a config."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from loraplex.engine.core.config import (
     load_config,
 )
 from loraplex.engine.core.errors import ConfigError, LoraplexError
+from loraplex.engine.lora.gguf_adapter import is_gguf_file
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -76,6 +77,30 @@ def prepare(args: argparse.Namespace) -> None:
     print(f"prepared in {time.perf_counter() - start:.0f} s")
 
 
+def migrate(args: argparse.Namespace) -> None:
+    """The old Ollama pods' models, from Ollama's models folder or their Modelfiles, as one loraplex config."""
+    from loraplex import migrate as migration
+
+    if bool(args.from_ollama) == bool(args.modelfile):
+        raise ConfigError("give either --from-ollama DIR or --modelfile NAME=PATH ...")
+    if args.from_ollama:
+        sources = migration.read_ollama_models(Path(args.from_ollama).expanduser())
+    else:
+        sources = []
+        for spec in args.modelfile:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not Path(path).is_file():
+                raise ConfigError(f"--modelfile {spec!r}: write NAME=PATH to an existing Modelfile")
+            sources.append(migration.parse_modelfile(Path(path).read_text(), name, Path(path).resolve().parent))
+    out = Path(args.out)
+    warnings = migration.write_config(sources, migration.parse_replicas(args.replicas), out)
+    load_config(out)  # what was written loads: names, slots, paths
+    print(f"wrote {out}: {', '.join(s.name for s in sources)} on one base")
+    for warning in warnings:
+        print(f"warning: {warning}")
+    print(f"serve it with: loraplex serve --config {out}")
+
+
 def configure(args: argparse.Namespace) -> EngineConfig:
     """The config file (default: the shipped one), then ``--model`` and ``--adapter`` on top, as ``vllm serve``
     takes a model and ``--lora-modules``. ``--model`` without ``--config`` serves that model's base alone (the
@@ -95,8 +120,8 @@ def configure(args: argparse.Namespace) -> EngineConfig:
         if not sep or not name or not adapter:
             raise ConfigError(f"--adapter {spec!r}: write NAME=PATH, e.g. --adapter chatbot=./my-adapters/chatbot")
         where = Path(adapter).expanduser()
-        if not (where.is_dir() or (where.suffix == ".gguf" and where.is_file())):
-            raise ConfigError(f"--adapter {spec}: {adapter} is not a PEFT adapter folder or a .gguf LoRA file")
+        if not (where.is_dir() or is_gguf_file(where)):
+            raise ConfigError(f"--adapter {spec}: {adapter} is not a PEFT adapter folder or a GGUF LoRA file")
         endpoints = [e for e in endpoints if e.name != name]
         endpoints.append(EndpointConfig(name=name, adapter=str(where.resolve())))
     return dataclasses.replace(config, endpoints=endpoints)  # validated again: names, slots
@@ -137,6 +162,12 @@ def main(argv: list[str] | None = None) -> None:
             metavar="NAME=PATH",
             help="serve the LoRA adapter in PATH (a PEFT folder or a .gguf file) as endpoint NAME (repeatable)",
         )
+    m = sub.add_parser("migrate", help="turn Ollama models or Modelfiles into one loraplex config")
+    m.add_argument("--from-ollama", metavar="DIR", help="Ollama's models folder (manifests/ and blobs/)")
+    m.add_argument("--modelfile", action="append", default=[], metavar="NAME=PATH", help="a Modelfile (repeatable)")
+    m.add_argument("--replicas", action="append", default=[], metavar="NAME=N", help="old replica count = slots")
+    m.add_argument("--out", default="loraplex.toml", help="the config to write (default: loraplex.toml)")
+    m.set_defaults(func=migrate)
     p.add_argument("--host", help="override server.host")
     p.add_argument("--port", type=int, help="override server.port")
     p.set_defaults(func=serve)

@@ -52,7 +52,7 @@ def test_a_model_alone_serves_its_base_and_the_adapters_given() -> None:
     ("given", "message"),
     [
         ({"adapter": ["no-equals-sign"]}, "write NAME=PATH"),
-        ({"adapter": ["x=/nonexistent/adapter"]}, "is not a PEFT adapter folder or a .gguf"),
+        ({"adapter": ["x=/nonexistent/adapter"]}, "is not a PEFT adapter folder or a GGUF LoRA file"),
         ({"model": "/nonexistent/model.gguf"}, "no such file"),
     ],
 )

@@ -80,7 +80,7 @@ def test_adapter_paths_are_confined_to_the_roots(tmp_path: Path) -> None:
     for bad in ("../outside", str(tmp_path / "outside"), "link", "good/../../outside", "/etc"):
         with pytest.raises(AdapterError, match="outside the allowed roots"):
             adapters.allowed_path(bad)
-    with pytest.raises(AdapterError, match="not a directory"):
+    with pytest.raises(AdapterError, match="not a PEFT adapter directory or a GGUF LoRA file"):
         adapters.allowed_path("missing")
     with pytest.raises(AdapterError, match="turned off"):
         AdaptersConfig(runtime_loading=False, roots=[str(root)]).allowed_path("good")

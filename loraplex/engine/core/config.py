@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.engine.core.errors import AdapterError, ConfigError
+from loraplex.engine.lora.gguf_adapter import is_gguf_file
 
 DEFAULT_CONFIG_PATH = Path(__file__).parents[2] / "default_config.toml"  # loraplex/default_config.toml
 DTYPES = ("float32", "bfloat16", "float16")
@@ -187,8 +188,8 @@ class AdaptersConfig:
         if not any(resolved == root or root in resolved.parents for root in roots):
             allowed = ", ".join(str(r) for r in roots)
             raise AdapterError(f"adapter path {path!r} is outside the allowed roots ({allowed})")
-        if not (resolved.is_dir() or (resolved.is_file() and resolved.suffix == ".gguf")):
-            raise AdapterError(f"adapter path {path!r} is not a PEFT adapter directory or a .gguf LoRA file")
+        if not (resolved.is_dir() or is_gguf_file(resolved)):
+            raise AdapterError(f"adapter path {path!r} is not a PEFT adapter directory or a GGUF LoRA file")
         return resolved
 
 

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load
 
 from loraplex.engine.core.errors import AdapterError
-from loraplex.engine.lora.gguf_adapter import is_gguf_adapter, read_gguf_adapter
+from loraplex.engine.lora.gguf_adapter import is_gguf_file, read_gguf_adapter
 
 # The projections a Llama-family decoder layer has, by PEFT's short names.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -126,7 +126,7 @@ def load_adapter(
         AdapterError: naming the adapter, the field and the value.
     """
     path = Path(path)
-    if is_gguf_adapter(path):
+    if is_gguf_file(path):
         config, weights = read_gguf_adapter(name, path, heads)
     else:
         config, weights = _read_config(name, path), _read_weights(name, path)

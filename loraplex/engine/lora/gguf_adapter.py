@@ -32,8 +32,13 @@ LLAMA_PROJECTIONS = {
 _NAME = re.compile(r"^blk\.(?P<layer>\d+)\.(?P<tensor>\w+)\.weight\.lora_(?P<ab>[ab])$")
 
 
-def is_gguf_adapter(path: Path) -> bool:
-    return path.suffix == ".gguf" and path.is_file()
+def is_gguf_file(path: Path) -> bool:
+    """A GGUF file by its magic bytes, not its name: Ollama keeps its files as ``blobs/sha256-<hex>``."""
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:  # a folder, or nothing there
+        return False
 
 
 def read_gguf_adapter(name: str, path: Path, heads: tuple[int, int] | None) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from loraplex.engine.core.config import ModelConfig
 from loraplex.engine.core.errors import ConfigError
+from loraplex.engine.lora.gguf_adapter import is_gguf_file
 from loraplex.engine.model.threads import set_threads
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def resolve_model_dir(config: ModelConfig) -> tuple[Path, str, Path | None]:
         gguf = default_gguf_path()
         return convert_gguf(gguf, cache_root(config) / "models" / DEFAULT_MODEL_NAME), DEFAULT_MODEL_NAME, gguf
     path = Path(config.path)
-    if path.suffix == ".gguf":
+    if path.suffix == ".gguf" or is_gguf_file(path):  # by its bytes too: Ollama's blobs have no suffix
         if not path.is_file():
             raise ConfigError(f"model.path = {config.path!r}: no such GGUF file")
         return convert_gguf(path, cache_root(config) / "models" / path.stem), path.stem, path
