@@ -58,7 +58,7 @@ class StepRecorder:
         runner = engine.runner
         self.wrap(runner, "prepare_inputs", "prepare_ms", self.note_inputs)
         self.wrap(runner, "execute", "forward_launch_ms")
-        self.wrap(engine, "sampler", "sample_and_sync_ms")
+        self.wrap(engine.sampler, "sample", "sample_and_sync_ms")
         self.wrap(engine, "_postprocess", "postprocess_ms")
 
     def wrap(self, owner: object, name: str, key: str, after: Callable | None = None) -> None:
