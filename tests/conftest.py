@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from loraplex.engine.core.config import EngineConfig, load_config
 from loraplex.engine.core.engine import LLMEngine
@@ -42,6 +43,12 @@ def default_config() -> EngineConfig:
 def model_dir(default_config: EngineConfig) -> Path:
     """The safetensors copy of SmolLM2-135M-Instruct (converted from the GGUF on first use)."""
     return resolve_model_dir(default_config.model)[0]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    """The default model's tokenizer, for tests that check token ids and texts against the server's."""
+    return AutoTokenizer.from_pretrained(model_dir)
 
 
 @pytest.fixture(scope="session")

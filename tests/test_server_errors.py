@@ -95,7 +95,7 @@ def _openai_error(server: ServerProcess, **kwargs: object) -> openai.APIStatusEr
     ("kwargs", "status", "param", "words"),
     [
         ({"model": "nope"}, 404, "model", "not served here"),
-        ({"n": 2}, 400, "n", "n = 2"),
+        ({"n": 17}, 400, "n", "n = 17"),
         ({"temperature": -1}, 400, "temperature", "temperature"),
         ({"temperature": 3}, 400, "temperature", "temperature"),
         ({"messages": []}, 400, "messages", "messages is empty"),
@@ -123,8 +123,8 @@ def test_openai_completion_errors(server: ServerProcess) -> None:
     for body, words in [
         ({"model": "base", "prompt": ""}, "prompt is empty"),
         ({"model": "base", "prompt": "x", "suffix": "y"}, "suffix"),
-        ({"model": "base", "prompt": "x", "n": 3}, "n = 3"),
-        ({"model": "base", "prompt": ["a", "b"]}, "one prompt"),
+        ({"model": "base", "prompt": "x", "n": 0}, "n = 0"),
+        ({"model": "base", "prompt": ["a", ""]}, "prompt[1] is empty"),
     ]:
         response = httpx.post(f"{server.url}/v1/completions", json=body)
         assert response.status_code == 400 and words in response.json()["error"]["message"]

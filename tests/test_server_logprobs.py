@@ -6,7 +6,6 @@ PEFT running the prompt and the generated tokens in one forward pass (the oracle
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +14,7 @@ import openai
 import pytest
 import torch
 from test_server_harness import ServerProcess, shared_server
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 ATOL = 1e-4
 NEW_TOKENS = 6
@@ -36,11 +35,6 @@ def openai_client(server: ServerProcess) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def ollama_client(server: ServerProcess) -> ollama.Client:
     return ollama.Client(host=server.url)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -94,23 +95,52 @@ class Call(Generic[Body]):
     def encode(self, text: str) -> list[int]:
         return self.engine.encode_prompt(text)
 
-    def request(self, prefix: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
-        """The engine request this call runs, under a fresh id that starts with ``prefix``."""
-        return Request(request_id(prefix), self.endpoint, prompt_token_ids, params, arrival_time=self.arrival_time)
+    def requests(self, rid: str, prompts: list[list[int]], params: list[SamplingParams], n: int = 1) -> list[Request]:
+        """The engine requests this call runs: ``n`` siblings per prompt, prompt-major, each with its own seed
+        stream (``sibling_seed``). One request takes ``rid`` as its id; several add their index to it."""
+        count = len(prompts) * n
+        return [
+            Request(
+                rid if count == 1 else f"{rid}-{i * n + j}",
+                self.endpoint,
+                prompt,
+                replace(p, seed=sibling_seed(p.seed, j)),
+                arrival_time=self.arrival_time,
+            )
+            for i, (prompt, p) in enumerate(zip(prompts, params, strict=True))
+            for j in range(n)
+        ]
 
     async def respond(
         self,
-        request: Request,
+        requests: list[Request],
         stream: bool,
-        streamed: Callable[[AsyncIterator[RequestOutput]], Response],
-        whole: Callable[[Completed], dict[str, Any]],
+        streamed: Callable[[AsyncIterator[tuple[int, RequestOutput]]], Response],
+        whole: Callable[[list[Completed]], dict[str, Any]],
     ) -> Response | dict[str, Any]:
-        """Submit ``request``; then ``streamed`` formats its outputs as they come (``deltas``), or ``whole``
-        formats it once finished. The client leaving before the answer starts aborts it in the engine."""
-        outputs = await unless_disconnected(self.http, start(self.state, request))
+        """Submit ``requests``; then ``streamed`` formats their outputs as they come, each with its request's
+        index (``merged``), or ``whole`` formats them once all are finished. The client leaving before the
+        answer starts aborts them in the engine."""
+        admits = self.state.admission.endpoint_cap(self.endpoint)
+        if len(requests) > admits:
+            raise APIError(
+                400,
+                f"n = {len(requests)} sequences (choices times prompts) is invalid; endpoint {self.endpoint!r} "
+                f"runs at most {admits} at once: send fewer",
+                param="n",
+            )
+        streams = await unless_disconnected(self.http, start_all(self.state, requests))
         if stream:
-            return streamed(deltas(outputs))
-        return whole(await unless_disconnected(self.http, collect(outputs)))
+            return streamed(merged(streams))
+        return whole(await unless_disconnected(self.http, all_of([collect(s) for s in streams])))
+
+
+def sibling_seed(seed: int | None, index: int) -> int | None:
+    """The seed of sibling ``index``: the request's own for the first, one derived from (seed, index) for the
+    others, so the same request gives the same choices every time; None (a random seed) stays None."""
+    if seed is None or index == 0:
+        return seed
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest())
 
 
 async def receive(http: HTTPRequest, model: type[Body]) -> Call[Body]:
@@ -143,6 +173,64 @@ async def start(state: ServerState, request: Request) -> AsyncIterator[RequestOu
         await outputs.aclose()
         raise
     return _stream(state, request.endpoint, first, outputs)
+
+
+async def start_all(state: ServerState, requests: list[Request]) -> list[AsyncIterator[RequestOutput]]:
+    """``start`` for each request. Siblings of one prompt start once the first of them has its first output,
+    so its prompt's KV blocks are in the prefix cache and they share them."""
+    first_of: dict[tuple[int, ...], int] = {}
+    for i, request in enumerate(requests):
+        first_of.setdefault(tuple(request.prompt_token_ids), i)
+    firsts = sorted(first_of.values())
+    waves = [firsts, [i for i in range(len(requests)) if i not in set(firsts)]]
+    streams: dict[int, AsyncIterator[RequestOutput]] = {}
+    for wave in waves:
+        # on a failure the streams started are dropped: their requests abort as their generators are collected
+        streams |= zip(wave, await all_of([start(state, requests[i]) for i in wave]), strict=True)
+    return [streams[i] for i in range(len(requests))]
+
+
+async def all_of(works: list[Awaitable[T]]) -> list[T]:
+    """Await ``works`` together; the first failure cancels the others and is raised alone, as one request's."""
+    if len(works) == 1:
+        return [await works[0]]
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(work) for work in works]
+    except BaseExceptionGroup as failures:
+        raise failures.exceptions[0] from None
+    return [task.result() for task in tasks]
+
+
+async def merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """The ``deltas`` of every stream as they come, each with its stream's index; leaving early closes them all,
+    which aborts their requests in the engine."""
+    if len(streams) == 1:
+        async for out in deltas(streams[0]):
+            yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in deltas(stream):
+                queue.put_nowait((index, out))
+        finally:
+            queue.put_nowait((index, None))  # the stream is over, however it ended
+
+    pumps = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        running = len(pumps)
+        while running:
+            index, out = await queue.get()
+            if out is None:
+                running -= 1
+            else:
+                yield index, out
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
 
 
 async def _stream(
@@ -195,19 +283,9 @@ async def embed(
             request = Request(
                 request_id("embed"), endpoint, token_ids, SamplingParams(max_tokens=1), arrival_time, embed=True
             )
-            outputs = await start(state, request)
-            async with contextlib.aclosing(outputs):
-                return (await collect(outputs)).last
+            return (await collect(await start(state, request))).last
 
-    async def all_of_them() -> list[RequestOutput]:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(one(ids)) for ids in token_lists]
-        return [t.result() for t in tasks]
-
-    try:
-        return await unless_disconnected(http_request, all_of_them())
-    except BaseExceptionGroup as group:  # the TaskGroup's: report the first failure, as one request would
-        raise group.exceptions[0] from None
+    return await unless_disconnected(http_request, all_of([one(ids) for ids in token_lists]))
 
 
 async def deltas(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
@@ -233,11 +311,12 @@ def _joined(outputs: list[RequestOutput]) -> RequestOutput:
 async def collect(outputs: AsyncIterator[RequestOutput]) -> Completed:
     """Run a request to the end for a non-streaming response; an engine failure is a 500."""
     text, token_ids, logprobs, last = [], [], [], None
-    async for out in outputs:
-        text.append(out.text_delta)
-        token_ids += out.new_token_ids
-        logprobs += out.logprobs or []
-        last = out
+    async with contextlib.aclosing(outputs):  # a cancelled collect aborts its request at once
+        async for out in outputs:
+            text.append(out.text_delta)
+            token_ids += out.new_token_ids
+            logprobs += out.logprobs or []
+            last = out
     assert last is not None and last.finished, "an engine stream ends with a finished output"
     raise_if_failed(last)
     return Completed("".join(text), token_ids, logprobs, last)

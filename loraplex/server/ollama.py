@@ -23,7 +23,16 @@ from loraplex.engine.core.errors import RequestError
 from loraplex.engine.core.sequence import FinishReason, TokenLogprob
 from loraplex.server import catalog
 from loraplex.server.errors import APIError
-from loraplex.server.generation import Call, Completed, Timings, context_limit, embed, logprobs_count, receive
+from loraplex.server.generation import (
+    Call,
+    Completed,
+    Timings,
+    context_limit,
+    embed,
+    logprobs_count,
+    receive,
+    request_id,
+)
 from loraplex.server.limits import check_embed_tokens
 from loraplex.server.logprobs import token_entries
 from loraplex.server.ollama_params import DEFAULTS, refuse_unsupported, sampling_params
@@ -90,13 +99,14 @@ class _Reply:
         """/api/generate's final ``context``: the prompt's and the answer's token ids, to continue from."""
         return {} if self.chat else {"context": self.prompt_ids + output_ids}
 
-    def answer(self, done: Completed) -> dict[str, Any]:
+    def answer(self, completed: list[Completed]) -> dict[str, Any]:
+        (done,) = completed
         return self.fields(done.text, done.logprobs) | _final_fields(done.last) | self.context(done.token_ids)
 
-    def stream(self, outputs: AsyncIterator[RequestOutput]) -> StreamingResponse:
+    def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> StreamingResponse:
         async def lines() -> AsyncIterator[bytes]:
             output_ids: list[int] = []
-            async for out in outputs:
+            async for _, out in outputs:  # one request: index 0
                 output_ids += out.new_token_ids
                 if out.finish_reason is FinishReason.ERROR:
                     yield _line({"error": f"generation failed in the engine: {out.error}"})
@@ -119,8 +129,8 @@ async def _generate(call: Call[OllamaGenerateRequest | OllamaChatRequest], promp
     logprobs = logprobs_count(body.logprobs, body.top_logprobs)
     params = sampling_params(options, len(prompt_ids), limit, logprobs)
     reply = _Reply(body.model, chat, prompt_ids, call.engine.tokenizer if logprobs is not None else None)
-    request = call.request("chat" if chat else "gen", prompt_ids, params)
-    return await call.respond(request, body.stream, reply.stream, reply.answer)
+    requests = call.requests(request_id("chat" if chat else "gen"), [prompt_ids], [params])
+    return await call.respond(requests, body.stream, reply.stream, reply.answer)
 
 
 _ZERO_DURATION = re.compile(r"0+(\.0*)?(ns|us|µs|ms|s|m|h)?")

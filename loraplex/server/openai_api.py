@@ -20,7 +20,15 @@ from loraplex.engine.core.engine import RequestOutput
 from loraplex.engine.core.sequence import FinishReason, SamplingParams, TokenLogprob
 from loraplex.server import catalog
 from loraplex.server.errors import APIError, error_body, unsupported
-from loraplex.server.generation import Call, Completed, context_limit, logprobs_count, max_new_tokens, receive
+from loraplex.server.generation import (
+    Call,
+    Completed,
+    context_limit,
+    logprobs_count,
+    max_new_tokens,
+    receive,
+    request_id,
+)
 from loraplex.server.logprobs import completion_logprobs, token_entries
 from loraplex.server.prompts import render_chat
 from loraplex.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAIMessage
@@ -33,6 +41,9 @@ def _state(request: Request) -> ServerState:
     return request.app.state.loraplex
 
 
+MAX_CHOICES = 16  # n and best_of: more siblings than this would crowd out the endpoint's other requests
+
+
 def _sampling(
     body: ChatCompletionRequest | CompletionRequest,
     max_tokens: int | None,
@@ -40,6 +51,7 @@ def _sampling(
     limit: int,
     logprobs: int | None,
 ) -> SamplingParams:
+    """OpenAI's sampling fields and vLLM's extra ones (``top_k``, ``min_p``, ``repetition_penalty``, ...)."""
     if max_tokens is not None and max_tokens < 1:
         raise APIError(400, f"max_tokens = {max_tokens} is invalid; use 1 or more, or leave it out", param="max_tokens")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -47,19 +59,47 @@ def _sampling(
         max_tokens=max_new_tokens(max_tokens, num_prompt, limit),
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=max(body.top_k, 0),  # vLLM's -1 (and 0) = off
+        min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty,
+        repeat_last_n=-1,  # vLLM's repetition penalty sees the whole prompt and output
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         seed=body.seed,
         stop=stop,
+        stop_token_ids=body.stop_token_ids,
+        ignore_eos=body.ignore_eos,
+        min_tokens=body.min_tokens,
+        include_stop_str_in_output=body.include_stop_str_in_output,
+        skip_special_tokens=body.skip_special_tokens,
+        logit_bias=_logit_bias(body.logit_bias),
         logprobs=logprobs,
     )
 
 
-def _refuse_common(body: ChatCompletionRequest | CompletionRequest) -> None:
-    if body.n != 1:
-        raise APIError(400, f"n = {body.n} is not supported; loraplex returns one choice, send n = 1", param="n")
-    if body.logit_bias:
-        raise unsupported("logit_bias", "logit_bias")
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's keys are token ids written as strings; the engine checks the ids and the values' range."""
+    try:
+        return {int(token): value for token, value in (bias or {}).items()}
+    except ValueError:
+        keys = ", ".join(repr(k) for k in bias or {} if not k.strip().lstrip("-").isdigit())
+        raise APIError(
+            400, f"logit_bias has keys that are not token ids ({keys}); use token ids as strings", param="logit_bias"
+        ) from None
+
+
+def _choices(n: int, best_of: int | None, stream: bool) -> tuple[int, int]:
+    """How many choices to return, and how many to generate to pick them from."""
+    if not 1 <= n <= MAX_CHOICES:
+        raise APIError(400, f"n = {n} is invalid; use 1 to {MAX_CHOICES}", param="n")
+    best = n if best_of is None else best_of
+    if not n <= best <= MAX_CHOICES:
+        raise APIError(400, f"best_of = {best_of} is invalid; use n ({n}) to {MAX_CHOICES}", param="best_of")
+    if best > n and stream:
+        raise APIError(
+            400, "best_of > n cannot stream (the best are known only at the end); send stream: false", param="best_of"
+        )
+    return n, best
 
 
 def _messages(messages: list[OpenAIMessage]) -> list[dict[str, str]]:
@@ -78,7 +118,6 @@ def _messages(messages: list[OpenAIMessage]) -> list[dict[str, str]]:
 
 
 def _refuse_chat(body: ChatCompletionRequest) -> None:
-    _refuse_common(body)
     if body.tools or body.functions or body.tool_choice not in (None, "none") or body.function_call:
         raise unsupported("tool calling", "tools")
     if body.response_format and body.response_format.get("type", "text") != "text":
@@ -87,12 +126,15 @@ def _refuse_chat(body: ChatCompletionRequest) -> None:
         raise APIError(400, "messages is empty; send at least one message", param="messages")
 
 
-def _usage(out: RequestOutput) -> dict[str, Any]:
+def _usage(lasts: list[RequestOutput], siblings: int) -> dict[str, Any]:
+    """Counts over every sequence generated; each prompt's tokens once, however many siblings share it."""
+    firsts = lasts[::siblings]
+    prompt, completion = sum(o.num_prompt_tokens for o in firsts), sum(o.num_output_tokens for o in lasts)
     return {
-        "prompt_tokens": out.num_prompt_tokens,
-        "completion_tokens": out.num_output_tokens,
-        "total_tokens": out.num_prompt_tokens + out.num_output_tokens,
-        "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens},  # served from the prefix cache
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in firsts)},  # prefix cache
     }
 
 
@@ -127,7 +169,7 @@ class _Logprobs:
 
 
 def _choice(
-    text: str, out: RequestOutput, chat: bool, streamed: bool, logprobs: dict[str, Any] | None
+    index: int, text: str, out: RequestOutput, chat: bool, streamed: bool, logprobs: dict[str, Any] | None
 ) -> dict[str, Any]:
     """One choice of an answer or a chunk: chat has a message (a delta when streamed), completions text."""
     if not chat:
@@ -136,53 +178,87 @@ def _choice(
         content = {"delta": {"content": text} if text else {}}
     else:
         content = {"message": {"role": "assistant", "content": text, "refusal": None}}
-    return {"index": 0, **content, "logprobs": logprobs, "finish_reason": _finish_reason(out)}
+    return {"index": index, **content, "logprobs": logprobs, "finish_reason": _finish_reason(out)}
 
 
 def _event_stream(
-    outputs: AsyncIterator[RequestOutput], base: dict[str, Any], chat: bool, include_usage: bool, logprobs: _Logprobs
+    outputs: AsyncIterator[tuple[int, RequestOutput]],
+    base: dict[str, Any],
+    chat: bool,
+    include_usage: bool,
+    logprobs: list[_Logprobs],
+    echoes: list[str],
 ) -> StreamingResponse:
+    """One choice per request, indexed as the requests; ``echoes`` go before each choice's first text."""
+
     def chunk(choice: dict[str, Any]) -> dict[str, Any]:
         return base | {"choices": [choice]} | ({"usage": None} if include_usage else {})
 
     async def events() -> AsyncIterator[bytes]:
         if chat:
-            opening = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
-            yield _sse(chunk(opening | {"finish_reason": None}))
-        async for out in outputs:
+            for index in range(len(logprobs)):
+                opening = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
+                yield _sse(chunk(opening | {"finish_reason": None}))
+        unsent, lasts = list(echoes), {}
+        async for index, out in outputs:
             if out.finish_reason is FinishReason.ERROR:
                 yield _sse(error_body(APIError(500, f"generation failed in the engine: {out.error}"), "/v1"))
                 break
-            yield _sse(chunk(_choice(out.text_delta, out, chat, True, logprobs(out.logprobs or []))))
-            if out.finished and include_usage:
-                yield _sse(base | {"choices": [], "usage": _usage(out)})
+            text, unsent[index] = unsent[index] + out.text_delta, ""
+            yield _sse(chunk(_choice(index, text, out, chat, True, logprobs[index](out.logprobs or []))))
+            if out.finished:
+                lasts[index] = out
+        if include_usage and len(lasts) == len(logprobs):
+            yield _sse(base | {"choices": [], "usage": _usage([lasts[i] for i in sorted(lasts)], 1)})
         yield _sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+def _best(completed: list[Completed], n: int, best_of: int) -> list[Completed]:
+    """Per prompt, the ``n`` of its ``best_of`` sequences with the highest cumulative log-probability."""
+    if best_of == n:
+        return completed
+    groups = [completed[i : i + best_of] for i in range(0, len(completed), best_of)]
+    ranked = [sorted(group, key=lambda done: -sum(lp.logprob for lp in done.logprobs)) for group in groups]
+    return [done for group in ranked for done in group[:n]]
+
+
 async def _generate(
-    call: Call[ChatCompletionRequest | CompletionRequest], prompt_ids: list[int], max_tokens: int | None
+    call: Call[ChatCompletionRequest | CompletionRequest],
+    prompts: list[list[int]],
+    max_tokens: int | None,
+    echoes: list[str] | None = None,
 ) -> Any:
-    """Both routes once the prompt is tokenized: OpenAI's sampling fields, then SSE chunks or one object."""
+    """Both routes once the prompts are tokenized: ``n`` (or ``best_of``) sibling requests per prompt with
+    OpenAI's and vLLM's sampling fields, then SSE chunks or one object with a choice per sibling kept."""
     body, chat = call.body, isinstance(call.body, ChatCompletionRequest)
     count = logprobs_count(body.logprobs, body.top_logprobs) if chat else body.logprobs
-    params = _sampling(body, max_tokens, len(prompt_ids), context_limit(call.state), count)
-    logprobs = _Logprobs(call.engine.tokenizer if count is not None else None, chat)
-    request = call.request("chatcmpl" if chat else "cmpl", prompt_ids, params)
-    base = {"id": request.request_id, "created": int(time.time()), "model": body.model, "system_fingerprint": None}
+    n, best_of = _choices(body.n, None if chat else body.best_of, body.stream)
+    ranking = 0 if best_of > n and count is None else count  # best_of ranks by the tokens' log-probabilities
+    limit = context_limit(call.state)
+    params = [_sampling(body, max_tokens, len(prompt), limit, ranking) for prompt in prompts]
+    rid = request_id("chatcmpl" if chat else "cmpl")
+    requests = call.requests(rid, prompts, params, best_of)
+    base = {"id": rid, "created": int(time.time()), "model": body.model, "system_fingerprint": None}
+    tokenizer = call.engine.tokenizer if count is not None else None
+    echoes = [text for text in echoes or [""] * len(prompts) for _ in range(n)]  # one per choice
 
-    def streamed(outputs: AsyncIterator[RequestOutput]) -> StreamingResponse:
+    def streamed(outputs: AsyncIterator[tuple[int, RequestOutput]]) -> StreamingResponse:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         kind = "chat.completion.chunk" if chat else "text_completion"
-        return _event_stream(outputs, base | {"object": kind}, chat, include_usage, logprobs)
+        shapes = [_Logprobs(tokenizer, chat) for _ in requests]
+        return _event_stream(outputs, base | {"object": kind}, chat, include_usage, shapes, echoes)
 
-    def whole(done: Completed) -> dict[str, Any]:
-        choice = _choice(done.text, done.last, chat, False, logprobs(done.logprobs))
-        kind = "chat.completion" if chat else "text_completion"
-        return base | {"object": kind, "choices": [choice], "usage": _usage(done.last)}
+    def whole(completed: list[Completed]) -> dict[str, Any]:
+        choices = [
+            _choice(i, echo + done.text, done.last, chat, False, _Logprobs(tokenizer, chat)(done.logprobs))
+            for i, (echo, done) in enumerate(zip(echoes, _best(completed, n, best_of), strict=True))
+        ]
+        usage = _usage([done.last for done in completed], best_of)
+        return base | {"object": "chat.completion" if chat else "text_completion", "choices": choices, "usage": usage}
 
-    return await call.respond(request, body.stream, streamed, whole)
+    return await call.respond(requests, body.stream, streamed, whole)
 
 
 @router.post("/chat/completions")
@@ -192,34 +268,32 @@ async def chat_completions(request: Request) -> Any:
     _refuse_chat(body)
     prompt_ids = call.encode(render_chat(call.engine.tokenizer, _messages(body.messages)))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    return await _generate(call, prompt_ids, max_tokens)
+    return await _generate(call, [prompt_ids], max_tokens)
 
 
-def _completion_prompt(call: Call[CompletionRequest]) -> list[int]:
+def _completion_prompts(call: Call[CompletionRequest]) -> list[list[int]]:
+    """A string, a list of token ids, or a list of either: each prompt as token ids."""
     prompt = call.body.prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
-        return list(prompt)  # token ids
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise APIError(400, f"prompt has {len(prompt)} strings; send one prompt per request", param="prompt")
-        prompt = prompt[0]
-    if not prompt:
-        raise APIError(400, "prompt is empty; send the text to complete", param="prompt")
-    return call.encode(prompt)
+    many = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
+    prompts = list(prompt) if many else [prompt]
+    for i, text in enumerate(prompts):
+        if not text:
+            where = f"prompt[{i}] is empty" if many else "prompt is empty"
+            raise APIError(400, f"{where}; send the text to complete", param="prompt")
+    return [list(p) if isinstance(p, list) else call.encode(p) for p in prompts]
 
 
 @router.post("/completions")
 async def completions(request: Request) -> Any:
     call = await receive(request, CompletionRequest)
     body = call.body
-    _refuse_common(body)
     if body.suffix:
         raise unsupported("suffix (fill-in-the-middle)", "suffix")
-    if body.echo:
-        raise unsupported("echo", "echo")
-    if body.best_of not in (None, 1):
-        raise APIError(400, f"best_of = {body.best_of} is not supported; send 1", param="best_of")
-    return await _generate(call, _completion_prompt(call), body.max_tokens)
+    if body.echo and body.logprobs is not None:
+        raise unsupported("echo with logprobs (the prompt's log-probabilities)", "echo")
+    prompts = _completion_prompts(call)
+    echoes = [call.engine.tokenizer.decode(p, skip_special_tokens=False) for p in prompts] if body.echo else None
+    return await _generate(call, prompts, body.max_tokens, echoes)
 
 
 def _model_object(entry: catalog.ModelEntry) -> dict[str, Any]:

@@ -136,8 +136,17 @@ class _OpenAISampling(_Body):
     seed: int | None = None  # any integer, modulo 2**64
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     user: str | None = None
+    # vLLM's extra sampling fields
+    top_k: int = Field(default=-1, ge=-1)  # -1 (or 0) = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = Field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -159,7 +168,7 @@ class ChatCompletionRequest(_OpenAISampling):
 
 
 class CompletionRequest(_OpenAISampling):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's documented default for legacy completions
     suffix: str | None = None
     echo: bool = False

@@ -23,9 +23,17 @@ from transformers import PreTrainedTokenizerBase
 
 
 class Detokenizer:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str]) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        stop: list[str],
+        skip_special_tokens: bool = True,
+        include_stop: bool = False,
+    ) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
+        self.skip_special_tokens = skip_special_tokens
+        self.include_stop = include_stop  # the text keeps the stop string that ended it
         self.max_stop_prefix = max((len(s) for s in stop), default=1) - 1  # a full stop string is cut, not held
         self.text = ""  # everything decoded so far, stop string cut once found
         self.released = 0  # characters of text already handed out
@@ -34,19 +42,24 @@ class Detokenizer:
         self.settled_chars = 0  # len(text) that ids[:settled] produce
 
     def _decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(
+            token_ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
+        )
 
     def update(self, output_token_ids: list[int]) -> bool:
-        """Decode the output so far; True if a stop string appeared (``text`` is then cut before it)."""
+        """Decode the output so far; True if a stop string appeared (``text`` is then cut before it, or after
+        it with ``include_stop``)."""
         ids = output_token_ids  # grows by one per call, or repeats (a final EOS is not text)
         context = self._decode(ids[self.context_start : self.settled])
         window = self._decode(ids[self.context_start :])
         self.text = self.text[: self.settled_chars] + window[len(context) :]
         if len(ids) > self.settled and not self.text.endswith("\ufffd"):
             self.context_start, self.settled, self.settled_chars = self.settled, len(ids), len(self.text)
-        hits = [i for i in (self.text.find(s, max(0, self.released - len(s))) for s in self.stop) if i >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
+        hits = [(self.text.find(s, max(0, self.released - len(s))), s) for s in self.stop]
+        found = [(i, s) for i, s in hits if i >= 0]
+        if found:
+            at, stop = min(found)
+            self.text = self.text[: at + len(stop) if self.include_stop else at]
             return True
         return False
 

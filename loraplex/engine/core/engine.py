@@ -122,8 +122,8 @@ class LLMEngine:
         # Graphs only over plain weights: bitsandbytes kernels were never captured and checked on a GPU here.
         if self.runner.device.type == "cuda" and not config.model.enforce_eager and config.model.quantization == "none":
             self.runner.use_decode_graphs(limits.max_num_seqs, limits.max_model_len, capture=True)
-        self.sampler = Sampler()
         self.eos_token_ids = self._eos_token_ids()
+        self.sampler = Sampler(frozenset(self.eos_token_ids))
         self.tracked: dict[str, _Tracked] = {}
         self.stats = EngineStats(kv_blocks_total=limits.num_kv_blocks)
 
@@ -195,9 +195,15 @@ class LLMEngine:
                 f"{room} tokens"
             )
         vocab = self.model.config.get_text_config().vocab_size
-        bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        params = request.params
+        for name, ids in [
+            ("prompt", request.prompt_token_ids),
+            ("logit_bias", list(params.logit_bias)),
+            ("stop_token_ids", params.stop_token_ids),
+        ]:
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise RequestError(f"{name} = token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
         if request.request_id in self.tracked:
             raise RequestError(f"request id {request.request_id!r} is already in use")
 
@@ -214,7 +220,11 @@ class LLMEngine:
         generator = torch.Generator(device=self.kv_cache.key_cache[0].device)
         seed = request.params.seed  # any integer: reduced modulo 2**64, the generator's range (2**64 samples as 0)
         generator.manual_seed(seed % 2**64 if seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        self.tracked[request.request_id] = _Tracked(seq, Detokenizer(self.tokenizer, request.params.stop), generator)
+        params = request.params
+        detokenizer = Detokenizer(
+            self.tokenizer, params.stop, params.skip_special_tokens, params.include_stop_str_in_output
+        )
+        self.tracked[request.request_id] = _Tracked(seq, detokenizer, generator)
         self.scheduler.add(seq)
         self.stats.prompt_tokens_total += len(request.prompt_token_ids)
 

@@ -32,6 +32,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # each new token's log-probability and this many top alternatives; None = off
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
+    min_tokens: int = 0  # end-of-sequence and stop_token_ids cannot be drawn before this many new tokens
+    include_stop_str_in_output: bool = False  # keep the stop string that ended the text
+    skip_special_tokens: bool = True  # leave special tokens' text out of the output text
 
     def __post_init__(self) -> None:
         checks = [
@@ -47,6 +51,8 @@ class SamplingParams:
             (self.seed is None or isinstance(self.seed, int), "seed", "use an integer or leave it out"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "use non-empty strings"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", f"use 0 to {MAX_LOGPROBS}"),
+            (all(-100 <= b <= 100 for b in self.logit_bias.values()), "logit_bias", "use biases in [-100, 100]"),
+            (isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "use 0 or more"),
         ]
         for ok, name, hint in checks:
             if not ok:

@@ -1,7 +1,7 @@
 """Turning one step's logits into one token per sequence, for the whole batch at once.
 
-Order: the log-probabilities of the rows that ask for them, from the raw logits; penalties on the raw logits
-(in place), then greedy rows (temperature below ``SAMPLING_EPS``) take the argmax;
+Order: the log-probabilities of the rows that ask for them, from the raw logits; then, in place, logit biases
+(and the bans of ``min_tokens``) and penalties; then greedy rows (temperature below ``SAMPLING_EPS``) take the argmax;
 sampled rows are divided by their temperature, filtered by top-k, top-p and min-p, and drawn with their own
 generator. Each request owns a ``torch.Generator`` seeded from its ``seed`` and makes one draw per token from
 it, over a distribution that depends on its own logits and parameters only, so the same seed and prompt give
@@ -20,6 +20,24 @@ from dataclasses import dataclass
 import torch
 
 from loraplex.engine.core.sequence import SamplingParams, Sequence, TokenLogprob
+
+
+def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: frozenset[int]) -> None:
+    """In place: each row's ``logit_bias``, and -inf on the tokens that would end a sequence that has fewer
+    than ``min_tokens`` new tokens (end-of-sequence and ``stop_token_ids``), with one scatter for the batch."""
+    rows: list[int] = []
+    ids: list[int] = []
+    values: list[float] = []
+    for row, seq in enumerate(seqs):
+        p = seq.request.params
+        ended = {*eos_token_ids, *p.stop_token_ids} if len(seq.output_token_ids) < p.min_tokens else set()
+        for token, value in [*p.logit_bias.items(), *((t, -torch.inf) for t in ended)]:
+            rows.append(row)
+            ids.append(token)
+            values.append(value)
+    if rows:
+        index = (torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device))
+        logits.index_put_(index, torch.tensor(values, dtype=logits.dtype, device=logits.device), accumulate=True)
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -162,6 +180,9 @@ class SamplerOutput:
 
 
 class Sampler:
+    def __init__(self, eos_token_ids: frozenset[int] = frozenset()) -> None:
+        self.eos_token_ids = eos_token_ids  # what ``min_tokens`` keeps from being drawn early
+
     def __call__(
         self, logits: torch.Tensor, seqs: list[Sequence], generators: list[torch.Generator | None]
     ) -> list[int]:
@@ -177,6 +198,7 @@ class Sampler:
         params = [s.request.params for s in seqs]
         asking = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw = logits[asking].log_softmax(dim=-1) if asking else None  # [len(asking), vocab]
+        apply_logit_bias(logits, seqs, self.eos_token_ids)
         apply_penalties(logits, seqs)
         tokens = _draw_tokens(logits, params, generators)
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)
