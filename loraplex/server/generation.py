@@ -1,11 +1,11 @@
 """Running one request through the engine for a route: limits, submission, timings and stream hygiene.
 
 Both APIs share this path: ``receive`` reads a body up to its endpoint, the route translates its API's fields
-into an engine ``Request`` (``Call.request``), and ``Call.respond`` submits it and hands the outputs to the
-route's formatter, streamed or whole. ``start`` waits for the first output before the route answers, so
-every refusal the engine makes (bad prompt, full queue, dead loop) becomes an HTTP status instead of a
-broken stream; the stream it returns closes the engine's generator however the response ends, so a client
-that disconnects aborts its request and frees its KV blocks.
+into engine ``Request``s (``Call.requests``: one, or ``n`` siblings per prompt), and ``Call.respond`` submits
+them and hands their outputs to the route's formatter, streamed or whole. ``start`` waits for the first output
+before the route answers, so every refusal the engine makes (bad prompt, full queue, dead loop) becomes an
+HTTP status instead of a broken stream; the stream it returns closes the engine's generator however the
+response ends, so a client that disconnects aborts its request and frees its KV blocks.
 """
 
 from __future__ import annotations
