@@ -7,6 +7,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite runs thousands of short steps on a machine of its own, where OpenMP threads that spin between
+# parallel regions are much faster than the passive waiting the engine chooses for shared machines
+# (loraplex/engine/__init__.py, benchmarks/contention.py): 78 s against 133 s for two of its files. Set before
+# torch loads; servers the tests start inherit it. The contention benchmark's variants set their own.
+os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
 # Triton's interpreter runs the CUDA kernels (engine/kernels/cuda/triton_decode.py) on CPU tensors. Triton reads
 # this when it is imported, so it is set before anything here imports it.
 os.environ.setdefault("TRITON_INTERPRET", "1")
