@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraplex.engine.core.errors import ConfigError
+from loraplex.server.modelfile import INSTRUCTIONS, instructions, unquote
 
-INSTRUCTIONS = ("FROM", "ADAPTER", "SYSTEM", "PARAMETER", "TEMPLATE", "MESSAGE", "LICENSE", "REQUIRES")
 # Ollama's media types of a manifest's layers
 MODEL_LAYER = "application/vnd.ollama.image.model"
 ADAPTER_LAYER = "application/vnd.ollama.image.adapter"
@@ -47,7 +47,7 @@ class ModelSource:
     def unapplied(self) -> list[str]:
         """The settings loraplex does not apply yet, one line each."""
         lines = [f"SYSTEM {json.dumps(self.system)}"] if self.system else []
-        lines += [f"PARAMETER {k} {v}" for k, values in self.parameters.items() for v in values]
+        lines += [f"PARAMETER {k} {json.dumps(v)}" for k, values in self.parameters.items() for v in values]
         lines += [f"TEMPLATE {json.dumps(self.template)}"] if self.template else []
         lines += [f"MESSAGE {role} {json.dumps(text)}" for role, text in self.messages]
         return lines
@@ -58,7 +58,7 @@ def parse_modelfile(text: str, name: str, folder: Path) -> ModelSource:
     instruction is an error naming its line."""
     source = ModelSource(name=name, base="")
     adapters = []
-    for number, instruction, argument in _instructions(text):
+    for number, instruction, argument in instructions(text):
         if instruction not in INSTRUCTIONS:
             raise ConfigError(f"{name}: line {number}: {instruction} is not a Modelfile instruction")
         if not argument:
@@ -74,44 +74,16 @@ def parse_modelfile(text: str, name: str, folder: Path) -> ModelSource:
             source.template = argument
         elif instruction == "PARAMETER":
             key, _, value = argument.partition(" ")
-            source.parameters.setdefault(key, []).append(_unquote(value.strip()))
+            source.parameters.setdefault(key, []).append(unquote(value.strip()))
         elif instruction == "MESSAGE":
             role, _, content = argument.partition(" ")
-            source.messages.append((role, _unquote(content.strip())))
+            source.messages.append((role, unquote(content.strip())))
     if not source.base:
         raise ConfigError(f"{name}: the Modelfile has no FROM line")
     if len(adapters) > 1:
         raise ConfigError(f"{name}: {len(adapters)} ADAPTER lines; loraplex serves one adapter per model")
     source.adapter = adapters[0] if adapters else None
     return source
-
-
-def _instructions(text: str):
-    """(line number, INSTRUCTION, argument) with Ollama's quoting: ``\"\"\"...\"\"\"`` may span lines."""
-    lines = text.splitlines()
-    i = 0
-    while i < len(lines):
-        number, line = i + 1, lines[i].strip()
-        i += 1
-        if not line or line.startswith("#"):
-            continue
-        instruction, _, argument = line.partition(" ")
-        argument = argument.strip()
-        if '"""' in argument and argument.count('"""') == 1:  # a multi-line string: read to its end
-            while i < len(lines) and '"""' not in lines[i]:
-                argument += "\n" + lines[i]
-                i += 1
-            if i < len(lines):
-                argument += "\n" + lines[i]
-                i += 1
-        yield number, instruction.upper(), _unquote(argument)
-
-
-def _unquote(value: str) -> str:
-    for quote in ('"""', '"'):
-        if len(value) >= 2 * len(quote) and value.startswith(quote) and value.endswith(quote):
-            return value[len(quote) : -len(quote)]
-    return value
 
 
 def read_ollama_models(models_dir: Path) -> list[ModelSource]:
@@ -172,22 +144,22 @@ def write_config(sources: list[ModelSource], replicas: dict[str, int], out: Path
         )
     warnings, blocks = [], []
     base_names = [s.name for s in sources if s.adapter is None]
-    blocks.append(_endpoint("base", None, replicas.get(base_names[0], 1) if base_names else 1, base_names))
+    # every base-only model is one endpoint now: their replicas add up
+    slots = [sum(replicas.get(name, 1) for name in base_names) or 1]
+    blocks.append(_endpoint("base", None, slots[0], base_names))
     for source in sources:
         if source.adapter is not None:
-            blocks.append(_endpoint(source.name, source.adapter.resolve(), replicas.get(source.name, 1), []))
+            slots.append(replicas.get(source.name, 1))
+            blocks.append(_endpoint(source.name, source.adapter.resolve(), slots[-1], []))
         unapplied = source.unapplied()
         if unapplied:
             block = len(blocks) - 1 if source.adapter is not None else 0
-            blocks[block] += "".join(
-                f"# not applied yet by loraplex ({source.name}): {line}\n" for line in _comment_lines(unapplied)
-            )
+            blocks[block] += "".join(f"# not applied yet by loraplex ({source.name}): {line}\n" for line in unapplied)
             warnings.append(f"{source.name}: {len(unapplied)} Modelfile setting(s) not applied yet (see the config)")
-    slots = sum(replicas.get(s.name, 1) for s in sources if s.adapter is not None) + 1
     text = (
         "# Written by `loraplex migrate`: one worker serves the base and every adapter from one copy of the base.\n"
         f"[model]\npath = {json.dumps(str(Path(base).resolve()))}\n\n"
-        f"[limits]\nmax_num_seqs = {max(64, slots)}\nmax_loras = {max(4, len(blocks) - 1)}\n\n"
+        f"[limits]\nmax_num_seqs = {max(64, sum(slots))}\nmax_loras = {max(4, len(slots) - 1)}\n\n"
         '[server]\nhost = "127.0.0.1"\nport = 11434\n\n' + "\n".join(blocks)
     )
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -203,10 +175,6 @@ def _endpoint(name: str, adapter: Path | None, slots: int, aliases: list[str]) -
     if aliases:
         lines.append(f"aliases = {json.dumps([a for a in aliases if a != name])}")
     return "\n".join(lines) + "\n"
-
-
-def _comment_lines(lines: list[str]) -> list[str]:
-    return [part for line in lines for part in line.splitlines() or [""]]
 
 
 def _safe(name: str) -> str:

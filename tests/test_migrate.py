@@ -44,7 +44,7 @@ def ollama_models(tmp_path: Path) -> Path:
     base = blob(models, link_to=default_gguf_path())
     adapter = blob(models, ADAPTER.read_bytes())
     system = blob(models, b"You are a helpful assistant.")
-    params = blob(models, json.dumps({"temperature": 0.7, "stop": ["<|eot_id|>"]}).encode())
+    params = blob(models, json.dumps({"temperature": 0.7, "stop": ["<|eot_id|>", "\n\nUser:"]}).encode())
     manifest(models, "chatbot", [("model", base), ("adapter", adapter), ("system", system), ("params", params)])
     manifest(models, "code", [("model", base), ("adapter", adapter)])
     manifest(models, "smollm2", [("model", base)])
@@ -66,9 +66,10 @@ def test_an_ollama_models_folder_becomes_one_config(ollama_models: Path, tmp_pat
     assert Path(config.model.path).resolve() == default_gguf_path().resolve()
     text = out.read_text()
     assert '# not applied yet by loraplex (chatbot): SYSTEM "You are a helpful assistant."' in text
-    assert "# not applied yet by loraplex (chatbot): PARAMETER stop <|eot_id|>" in text
+    assert '# not applied yet by loraplex (chatbot): PARAMETER stop "<|eot_id|>"' in text
+    assert '# not applied yet by loraplex (chatbot): PARAMETER stop "\\n\\nUser:"' in text, "one comment line"
     printed = capsys.readouterr().out
-    assert "chatbot: 3 Modelfile setting(s) not applied yet" in printed and "loraplex serve --config" in printed
+    assert "chatbot: 4 Modelfile setting(s) not applied yet" in printed and "loraplex serve --config" in printed
 
 
 def test_modelfiles_with_their_quoting_become_one_config(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from loraplex.engine.core.engine import LLMEngine
 from loraplex.engine.core.errors import AdapterError, UnknownEndpointError
 from loraplex.engine.lora.config import LoRAAdapter
 from loraplex.server.errors import APIError
+from loraplex.server.modelfile import instructions
 from loraplex.server.schemas import parse_body
 from loraplex.server.state import ServerState
 
@@ -195,16 +196,11 @@ async def unload_lora_adapter(request: Request) -> PlainTextResponse:
 def _parse_modelfile(modelfile: str) -> tuple[str | None, list[str]]:
     """(FROM, [ADAPTER, ...]); any other instruction is refused by name rather than silently dropped."""
     base, adapters = None, []
-    for number, line in enumerate(modelfile.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split(None, 1)
-        keyword, argument = parts[0].upper(), parts[1].strip() if len(parts) > 1 else ""
+    for number, keyword, argument in instructions(modelfile):
         if keyword not in ("FROM", "ADAPTER"):
             raise APIError(
                 400,
-                f"modelfile line {number}: {parts[0]} is not supported by loraplex; "
+                f"modelfile line {number}: {keyword} is not supported by loraplex; "
                 "a Modelfile here has only FROM <base model> and ADAPTER <adapter directory>",
                 param="modelfile",
             )
