@@ -13,6 +13,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import tomllib
 from pathlib import Path
 
 import httpx
@@ -62,7 +63,8 @@ def test_the_wheel_holds_the_package_under_its_own_name_with_its_adapters(instal
     site = Path(out[0]).parent
     assert not (site / "engine").exists() and not (site / "server").exists(), "no generic top-level names"
     version = subprocess.run([str(installed / "loraplex"), "--version"], check=True, capture_output=True, text=True)
-    assert version.stdout.strip() == "loraplex 0.1.0"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert version.stdout.strip() == f"loraplex {project['version']}", "the installed distribution's version"
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ name map and torch, never ``core``'s engine or scheduler.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from loraplex.engine.core.config import ModelConfig
 log = logging.getLogger(__name__)
 
 
-def prepare_weights(model: nn.Module, config: ModelConfig, cache: str, gguf_path) -> bool:
+def prepare_weights(model: nn.Module, config: ModelConfig, cache: Path, gguf_path: Path | None) -> bool:
     """Put the model's weights and norms in the form this device's kernels read; True when the CPU kernels are
     loaded (the caller then routes decode attention and LoRA through them, in ``attach_decode``)."""
     from loraplex.engine.kernels.cpu import extension
@@ -72,7 +73,7 @@ def attach_decode(runner, lora, model: nn.Module, config: ModelConfig, cpu_kerne
         log.warning("the Triton RMSNorm kernel failed its check (%s); norms use torch's ops", failed)
 
 
-def build(config: ModelConfig, cache) -> bool | None:
+def build(config: ModelConfig, cache: Path) -> bool | None:
     """Compile this device's kernels now instead of on the first start: the CPU ones when the model would use
     them (True once loaded, False if they cannot be built); None where there is nothing to build ahead (Triton
     compiles its kernels on first use)."""
