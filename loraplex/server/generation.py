@@ -181,12 +181,20 @@ async def start_all(state: ServerState, requests: list[Request]) -> list[AsyncIt
     first_of: dict[tuple[int, ...], int] = {}
     for i, request in enumerate(requests):
         first_of.setdefault(tuple(request.prompt_token_ids), i)
-    firsts = sorted(first_of.values())
-    waves = [firsts, [i for i in range(len(requests)) if i not in set(firsts)]]
+    firsts = set(first_of.values())
+    waves = [sorted(firsts), [i for i in range(len(requests)) if i not in firsts]]
     streams: dict[int, AsyncIterator[RequestOutput]] = {}
-    for wave in waves:
-        # on a failure the streams started are dropped: their requests abort as their generators are collected
-        streams |= zip(wave, await all_of([start(state, requests[i]) for i in wave]), strict=True)
+    try:
+        for wave in waves:
+            started = await asyncio.gather(*(start(state, requests[i]) for i in wave), return_exceptions=True)
+            streams |= {i: s for i, s in zip(wave, started, strict=True) if not isinstance(s, BaseException)}
+            failed = next((s for s in started if isinstance(s, BaseException)), None)
+            if failed is not None:
+                raise failed
+    except BaseException:
+        for stream in streams.values():  # abort the siblings that did start now, not whenever they are collected
+            await stream.aclose()
+        raise
     return [streams[i] for i in range(len(requests))]
 
 
