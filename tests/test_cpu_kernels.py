@@ -151,3 +151,15 @@ def test_an_edited_header_changes_the_build_folder(tmp_path, monkeypatch) -> Non
     first = cpu_kernels._sources_key()
     header.write_text("// another\n")
     assert cpu_kernels._sources_key() != first
+
+
+def test_the_same_sources_in_another_folder_build_in_another_folder(tmp_path, monkeypatch) -> None:
+    """Two checkouts with the same sources: torch's builder names sources by path and would rebuild one shared
+    folder back and forth, rewriting the library under the other checkout's running processes."""
+    here = cpu_kernels._sources_key()
+    copies = []
+    for path in cpu_kernels.HEADERS:
+        copies.append(tmp_path / path.name)
+        copies[-1].write_bytes(path.read_bytes())
+    monkeypatch.setattr(cpu_kernels, "HEADERS", copies)
+    assert cpu_kernels._sources_key() != here

@@ -60,6 +60,9 @@ def test_the_wheel_holds_the_package_under_its_own_name_with_its_adapters(instal
     ).stdout.splitlines()
     assert Path(out[0]).is_relative_to(installed.parent), "loraplex is imported from the wheel, not the checkout"
     assert out[1] == str(["chatbot", "code", "summarization"])
+    csrc = Path(out[0]) / "engine" / "kernels" / "cpu" / "csrc"
+    shipped = sorted(p.name for p in (REPO / "loraplex" / "engine" / "kernels" / "cpu" / "csrc").iterdir())
+    assert sorted(p.name for p in csrc.iterdir()) == shipped, "the CPU kernels' sources, to compile from the wheel"
     site = Path(out[0]).parent
     assert not (site / "engine").exists() and not (site / "server").exists(), "no generic top-level names"
     version = subprocess.run([str(installed / "loraplex"), "--version"], check=True, capture_output=True, text=True)
@@ -72,7 +75,9 @@ def test_loraplex_serve_from_the_wheel_answers_every_endpoint(installed: Path, t
     port = free_port()
     extra = REPO / "loraplex" / "adapters" / "code"  # any PEFT folder: --adapter serves it as one more endpoint
     log_path = tmp_path / "server.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", LORAPLEX_MODEL_NUM_THREADS="1")
+    # torch ops, not the CPU kernels: built from the wheel's own copy of the sources they would compile again
+    # (~1 min); the test above checks those sources are in the wheel
+    env = dict(os.environ, HF_HUB_OFFLINE="1", LORAPLEX_MODEL_NUM_THREADS="1", LORAPLEX_MODEL_CPU_KERNELS="false")
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [str(installed / "loraplex"), "serve", "--port", str(port), "--adapter", f"extra={extra}"],

@@ -92,11 +92,13 @@ def _cpu_key() -> str:
 
 
 def _sources_key() -> str:
-    """A hash of the sources and headers: each version of them builds in a folder of its own. torch's builder
-    rebuilds in place when the sources change, and the linker then rewrites the library under any process that
-    has the other version loaded (another checkout's tests, a server still running), which crashes it; nor would
-    the builder see an edited header. The folder's name sees both."""
-    return hashlib.sha256(b"".join(p.read_bytes() for p in (*SOURCES, *HEADERS))).hexdigest()[:16]
+    """A hash of the sources and headers, and of where they are: each version, and each checkout or install,
+    builds in a folder of its own. torch's builder rebuilds in place when the sources change or sit at another
+    path (its ninja file names them by path), and the linker then rewrites the library under any process that
+    has it loaded (another checkout's tests, a server still running), which crashes it; nor would the builder
+    see an edited header. The folder's name sees all three."""
+    files = (*SOURCES, *HEADERS)
+    return hashlib.sha256(b"".join(str(p).encode() + p.read_bytes() for p in files)).hexdigest()[:16]
 
 
 def load(cache_root: Path) -> bool:
