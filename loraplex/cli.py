@@ -124,7 +124,27 @@ def configure(args: argparse.Namespace) -> EngineConfig:
             raise ConfigError(f"--adapter {spec}: {adapter} is not a PEFT adapter folder or a GGUF LoRA file")
         endpoints = [e for e in endpoints if e.name != name]
         endpoints.append(EndpointConfig(name=name, adapter=str(where.resolve())))
+    for spec in getattr(args, "modelfile", []):
+        endpoints = [e for e in endpoints if e.name != spec.partition("=")[0]]
+        endpoints.append(modelfile_endpoint(spec))
     return dataclasses.replace(config, endpoints=endpoints)  # validated again: names, slots
+
+
+def modelfile_endpoint(spec: str) -> EndpointConfig:
+    """``--modelfile NAME=PATH``: endpoint NAME with the Modelfile's ADAPTER (resolved against the Modelfile's
+    folder; none: the base) and its SYSTEM, PARAMETER, TEMPLATE and MESSAGE lines as defaults."""
+    from loraplex.server.modelfile import ModelfileError, parse_modelfile
+    from loraplex.server.ollama_models import modelfile_adapter
+
+    name, sep, path = spec.partition("=")
+    modelfile = Path(path).expanduser()
+    if not sep or not name or not modelfile.is_file():
+        raise ConfigError(f"--modelfile {spec!r}: write NAME=PATH to an existing Modelfile")
+    try:
+        adapter = modelfile_adapter(modelfile, parse_modelfile(modelfile.read_text()))
+    except ModelfileError as e:
+        raise ConfigError(f"--modelfile {spec}: {e}") from e
+    return EndpointConfig(name=name, adapter=str(adapter or ""), modelfile=str(modelfile.resolve()))
 
 
 def settings_help() -> str:
@@ -168,6 +188,14 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--replicas", action="append", default=[], metavar="NAME=N", help="old replica count = slots")
     m.add_argument("--out", default="loraplex.toml", help="the config to write (default: loraplex.toml)")
     m.set_defaults(func=migrate)
+    p.add_argument(
+        "--modelfile",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="serve an Ollama Modelfile as endpoint NAME: its ADAPTER on the base, its SYSTEM, PARAMETER, TEMPLATE "
+        "and MESSAGE lines as the endpoint's defaults (repeatable)",
+    )
     p.add_argument("--host", help="override server.host")
     p.add_argument("--port", type=int, help="override server.port")
     p.set_defaults(func=serve)

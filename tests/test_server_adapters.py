@@ -53,6 +53,7 @@ max_waiting = 32
 host = "127.0.0.1"
 port = {port}
 grace_period = 5
+state_dir = "{folder / "state"}"
 
 [[endpoints]]
 name = "base"
@@ -192,9 +193,9 @@ def test_ollama_create_and_delete(server: ServerProcess, roots: Path) -> None:
     assert _complete(url, "beta-json") == _complete(url, "beta")
 
     refusals = {
-        "PARAMETER": {"model": "x", "modelfile": "FROM base\nADAPTER beta\nPARAMETER temperature 0\n"},
+        "unknown instruction": {"model": "x", "modelfile": "FROM base\nADAPTER beta\nPARAMATER temperature 0\n"},
         "FROM an adapter": {"model": "x", "modelfile": "FROM beta\nADAPTER beta\n"},
-        "no adapter": {"model": "x", "modelfile": "FROM base\n"},
+        "two adapters": {"model": "x", "from": "base", "adapters": {"a": "beta", "b": "beta"}},
         "blob digest": {"model": "x", "from": "base", "adapters": {"a.safetensors": "sha256:abc"}},
         "reserved name": {"model": "api", "modelfile": "FROM base\nADAPTER beta\n"},
         "slash": {"model": "me/x", "modelfile": "FROM base\nADAPTER beta\n"},

@@ -60,6 +60,7 @@ max_waiting = 32
 host = "127.0.0.1"
 port = {main_port}
 grace_period = {grace_period}
+state_dir = "{folder / "state"}"
 
 [[endpoints]]
 name = "base"

@@ -23,7 +23,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 
 from loraplex.engine.core.config import EngineConfig
-from loraplex.server import adapters_api, ollama, openai_api, schemas
+from loraplex.server import adapters_api, ollama, ollama_models, openai_api, schemas
 from loraplex.server.auth import auth_middleware
 from loraplex.server.errors import APIError, error_response, install_error_handlers
 from loraplex.server.limits import limits_middleware
@@ -44,6 +44,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(ollama.router)
     app.include_router(openai_api.router)
     app.include_router(adapters_api.router)
+    app.include_router(ollama_models.router)
     app.openapi = lambda: _openapi(app)
 
     @app.get("/health")
@@ -80,8 +81,9 @@ _BODIES = {
     "/v1/completions": schemas.CompletionRequest,
     "/v1/load_lora_adapter": adapters_api.LoadLoRARequest,
     "/v1/unload_lora_adapter": adapters_api.UnloadLoRARequest,
-    "/api/create": adapters_api.OllamaCreateRequest,
-    "/api/delete": adapters_api.OllamaDeleteRequest,
+    "/api/create": ollama_models.OllamaCreateRequest,
+    "/api/copy": ollama_models.OllamaCopyRequest,
+    "/api/delete": ollama_models.OllamaDeleteRequest,
 }
 
 

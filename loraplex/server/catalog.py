@@ -45,10 +45,15 @@ def parameter_size(count: int) -> str:
 
 @dataclass
 class ModelEntry:
-    """One endpoint as a model."""
+    """One endpoint as a model, under its own name or an alias made by /api/create or /api/copy."""
 
     endpoint: EndpointConfig
     engine: LLMEngine
+    alias: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.alias or self.endpoint.name
 
     @property
     def adapter_path(self) -> Path | None:
@@ -56,7 +61,7 @@ class ModelEntry:
 
     @property
     def tag(self) -> str:
-        return f"{self.endpoint.name}:latest"
+        return f"{self.name}:latest"
 
     @property
     def size(self) -> int:
@@ -114,11 +119,18 @@ class ModelEntry:
         }
 
 
-def entries(engine: LLMEngine, only: str | None = None) -> list[ModelEntry]:
-    """Every endpoint served now (adapters loaded at run time included, unloaded ones not), or just ``only``."""
+def entries(engine: LLMEngine, only: str | None = None, aliases: dict[str, str] | None = None) -> list[ModelEntry]:
+    """Every endpoint served now (adapters loaded at run time included, unloaded ones not), or just ``only``;
+    then each of ``aliases`` (alias -> endpoint) whose endpoint is among them."""
     served = engine.endpoint_adapters
-    return [
+    listed = [
         ModelEntry(e, engine) for e in engine.config.endpoints if (only is None or e.name == only) and e.name in served
+    ]
+    by_name = {entry.endpoint.name: entry.endpoint for entry in listed}
+    return listed + [
+        ModelEntry(by_name[endpoint], engine, alias)
+        for alias, endpoint in (aliases or {}).items()
+        if endpoint in by_name
     ]
 
 

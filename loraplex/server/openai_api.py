@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from loraplex.engine.core.engine import RequestOutput
 from loraplex.engine.core.sequence import FinishReason, SamplingParams, TokenLogprob
-from loraplex.server import catalog
+from loraplex.server import catalog, model_defaults
 from loraplex.server.errors import APIError, error_body, unsupported
 from loraplex.server.generation import (
     Call,
@@ -30,7 +30,6 @@ from loraplex.server.generation import (
     request_id,
 )
 from loraplex.server.logprobs import completion_logprobs, token_entries
-from loraplex.server.prompts import render_chat
 from loraplex.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAIMessage
 from loraplex.server.state import ServerState
 
@@ -236,7 +235,7 @@ async def _generate(
     count = logprobs_count(body.logprobs, body.top_logprobs) if chat else body.logprobs
     n, best_of = _choices(body.n, None if chat else body.best_of, body.stream)
     ranking = 0 if best_of > n and count is None else count  # best_of ranks by the tokens' log-probabilities
-    limit = context_limit(call.state)
+    limit = context_limit(call.state, model_defaults.num_ctx(model_defaults.of(call)))
     params = [_sampling(body, max_tokens, len(prompt), limit, ranking) for prompt in prompts]
     rid = request_id("chatcmpl" if chat else "cmpl")
     requests = call.requests(rid, prompts, params, best_of)
@@ -264,9 +263,10 @@ async def _generate(
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Any:
     call = await receive(request, ChatCompletionRequest)
-    body = call.body
+    spec = model_defaults.of(call)
+    body = call.body = model_defaults.openai_chat(spec, call.body)
     _refuse_chat(body)
-    prompt_ids = call.encode(render_chat(call.engine.tokenizer, _messages(body.messages)))
+    prompt_ids = call.encode(model_defaults.render(call.engine.tokenizer, spec, _messages(body.messages)))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     return await _generate(call, [prompt_ids], max_tokens)
 
@@ -298,7 +298,7 @@ async def completions(request: Request) -> Any:
 
 def _model_object(entry: catalog.ModelEntry) -> dict[str, Any]:
     return {
-        "id": entry.endpoint.name,
+        "id": entry.name,
         "object": "model",
         "created": int(entry.modified_at.timestamp()),
         "owned_by": "loraplex",
@@ -310,7 +310,8 @@ async def models(request: Request) -> dict[str, Any]:
     state = _state(request)
     engine, _ = state.require_engine()
     only = state.router.fixed_endpoint(request.scope)
-    return {"object": "list", "data": [_model_object(e) for e in catalog.entries(engine, only)]}
+    entries = catalog.entries(engine, only, state.models.aliases())
+    return {"object": "list", "data": [_model_object(e) for e in entries]}
 
 
 @router.get("/models/{model}")

@@ -45,8 +45,9 @@ class Action:
     field: str = ""
 
 
-def parse_go_template(template: str) -> list[str | Action]:
-    """The template as literal text and actions up to ``.Response`` (where the model continues).
+def parse_go_template(template: str, whole: bool = False) -> list[str | Action]:
+    """The template as literal text and actions up to ``.Response`` (where the model continues), or with ``whole``
+    all of it (a finished turn of a conversation, answer included).
 
     Refuses what loraplex does not render before any user text exists, so a request's text can never be taken for
     template source.
@@ -57,7 +58,7 @@ def parse_go_template(template: str) -> list[str | Action]:
         text = template[rest : match.start()]
         parts.append(_literal(text, trim_left=trim_next, trim_right=bool(match[1])))
         action, trim_next, rest = _action(match[2].strip()), bool(match[3]), match.end()
-        if action.field == "Response":
+        if action.field == "Response" and not whole:
             _check_nesting(parts, at_response=True)
             return parts
         parts.append(action)
@@ -95,11 +96,12 @@ def _check_nesting(parts: list[str | Action], at_response: bool) -> None:
         raise RequestError("template has {{ if .System }} without {{ end }}; close it with {{ end }}")
 
 
-def render_go_template(template: str, system: str, prompt: str) -> str:
-    """Ollama's single-turn template subset, with ``system`` and ``prompt`` inserted verbatim."""
-    values = {"System": system, "Prompt": prompt}
+def render_go_template(template: str, system: str, prompt: str, response: str | None = None) -> str:
+    """Ollama's single-turn template subset, with ``system`` and ``prompt`` inserted verbatim; with a ``response``
+    the whole template, a finished turn."""
+    values = {"System": system, "Prompt": prompt, "Response": response or ""}
     shown, out = [True], []
-    for part in parse_go_template(template):
+    for part in parse_go_template(template, whole=response is not None):
         if isinstance(part, str):
             out.append(part if shown[-1] else "")
         elif part.kind == "if":
@@ -109,15 +111,3 @@ def render_go_template(template: str, system: str, prompt: str) -> str:
         else:
             out.append(values[part.field] if shown[-1] else "")
     return "".join(out)
-
-
-def render_generate(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, system: str | None, template: str | None, raw: bool
-) -> str:
-    """The prompt of an Ollama /api/generate request: as sent when raw, else through a template."""
-    if raw:
-        return prompt
-    if template:
-        return render_go_template(template, system or "", prompt)
-    messages = [{"role": "system", "content": system}] if system else []
-    return render_chat(tokenizer, [*messages, {"role": "user", "content": prompt}])

@@ -12,6 +12,7 @@ from loraplex.engine.core.engine import LLMEngine
 from loraplex.server.errors import APIError
 from loraplex.server.limits import Admission
 from loraplex.server.metrics import ServerMetrics
+from loraplex.server.model_store import ModelStore
 from loraplex.server.routing import EndpointRouter
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ class ServerState:
         self.in_flight = 0  # HTTP requests being answered, streams included
         self.admission = Admission(self)  # requests in flight per endpoint and per client (loraplex/server/limits.py)
         self.started_at = datetime.now(UTC)
+        self.models = ModelStore(config.server.state_dir)  # models made from Modelfiles (server/model_store.py)
+        self.loaded = False  # the engine runs and the models made before a restart serve again
 
     def load(self) -> None:
         """Build the engine and start its loop; blocking, so run it in a thread."""
@@ -47,11 +50,15 @@ class ServerState:
             )
         self.engine, self.async_engine = engine, async_engine
         self.metrics.bind(async_engine)
+        from loraplex.server.ollama_models import restore_blocking  # it serves through this state: imported late
+
+        restore_blocking(self)
+        self.loaded = True
         log.info("model %s loaded in %.1f s", engine.model_name, time.monotonic() - start)
 
     @property
     def ready(self) -> bool:
-        return self.async_engine is not None and self.async_engine.is_alive and not self.shutting_down
+        return self.loaded and self.async_engine is not None and self.async_engine.is_alive and not self.shutting_down
 
     def require_engine(self) -> tuple[LLMEngine, AsyncEngine]:
         """The engine, or a 503 that says why there is none to serve this request."""

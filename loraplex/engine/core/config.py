@@ -103,6 +103,9 @@ class EndpointConfig:
     slots: int = 1  # concurrency guaranteed to this endpoint (the old replica count)
     aliases: list[str] = field(default_factory=list)  # more model names that reach this endpoint
     port: int = 0  # optional listener of its own (server); 0 = only the main listener
+    # an Ollama Modelfile whose SYSTEM, PARAMETER, TEMPLATE and MESSAGE lines are this endpoint's defaults
+    # (serve --modelfile NAME=PATH sets it); its ADAPTER, if any, must be ``adapter``
+    modelfile: str = ""
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -126,6 +129,9 @@ class ServerConfig:
     max_embed_tokens: int = 16_384  # tokens of all inputs of one /api/embed request together
     max_queued_per_endpoint: int = 0  # requests past an endpoint's slots before 503; 0 = max_waiting / endpoints
     max_requests_per_client: int = 0  # concurrent requests from one client address; 0 = no limit
+    # where models made by /api/create and /api/copy are kept, to serve them again after a restart;
+    # "" = $XDG_STATE_HOME/loraplex, else ~/.local/state/loraplex
+    state_dir: str = ""
 
     def __post_init__(self) -> None:
         if self.grace_period < 0:
@@ -272,6 +278,8 @@ def load_config(path: str | Path | None = None) -> EngineConfig:
         endpoint = _section(EndpointConfig, raw, "endpoints")
         if endpoint.adapter and not Path(endpoint.adapter).is_absolute():
             endpoint.adapter = str((path.parent / endpoint.adapter).resolve())
+        if endpoint.modelfile and not Path(endpoint.modelfile).is_absolute():
+            endpoint.modelfile = str((path.parent / endpoint.modelfile).resolve())
         endpoints.append(endpoint)
     adapters = _section(AdaptersConfig, data.get("adapters", {}), "adapters")
     adapters.roots = [str((path.parent / root).resolve()) for root in adapters.roots]
