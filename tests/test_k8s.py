@@ -313,7 +313,11 @@ def test_worker_probes_drain_and_hardening(
     assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     writable = [m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")]
-    assert writable and all("emptyDir" in volumes[m["name"]] for m in c["volumeMounts"] if not m.get("readOnly"))
+    scratch = [m for m in c["volumeMounts"] if not m.get("readOnly") and m["mountPath"] != config.server.state_dir]
+    assert writable and all("emptyDir" in volumes[m["name"]] for m in scratch), "only the state volume persists"
+    (state,) = [m for m in c["volumeMounts"] if m["mountPath"] == config.server.state_dir]
+    persisted = "persistentVolumeClaim" in volumes[state["name"]]
+    assert persisted == (overlay in GPU_OVERLAYS), "created models survive a restart (the cpu try-out: the pod's life)"
     env = {e["name"]: e.get("value") for e in c["env"]}
     for var in ("LORAPLEX_CACHE", "HF_HOME", "HOME"):
         assert any(env[var].startswith(path) for path in writable), f"{var} is not on a writable volume"
@@ -378,7 +382,9 @@ def test_storage_claims(rendered: dict[str, list[dict[str, Any]]]) -> None:
         for v in worker(objects)["spec"]["template"]["spec"]["volumes"]
         if "persistentVolumeClaim" in v
     }
-    assert claims == {"loraplex-model": True, "loraplex-adapters": True}
+    assert claims == {"loraplex-model": True, "loraplex-adapters": True, "loraplex-state": None}
+    state = one(objects, "PersistentVolumeClaim", "loraplex-state")
+    assert state["spec"]["accessModes"] == ["ReadWriteMany"], "every worker serves the models created before"
 
 
 def test_servicemonitor_scrapes_the_workers(rendered: dict[str, list[dict[str, Any]]]) -> None:
