@@ -96,16 +96,21 @@ class Oracle:
     def greedy(self, endpoint: str, prompt: list[int], max_new_tokens: int) -> list[int]:
         key = (endpoint, tuple(prompt), max_new_tokens)
         if key not in self.cache:
-            ids = torch.tensor([prompt])
-            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=2)
-            if endpoint == "base":
-                with self.model.disable_adapter():
-                    out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-            else:
-                self.model.set_adapter(endpoint)
-                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-            self.cache[key] = out[0, len(prompt) :].tolist()
+            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)
+            self.cache[key] = self.generate(endpoint, prompt, **kwargs)
         return self.cache[key]
+
+    @torch.inference_mode()
+    def generate(self, endpoint: str, prompt: list[int], **kwargs) -> list[int]:
+        """transformers' ``generate`` with the endpoint's adapter (none for the base): the new tokens."""
+        ids = torch.tensor([prompt])
+        if endpoint == "base":
+            with self.model.disable_adapter():
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=2, **kwargs)
+        else:
+            self.model.set_adapter(endpoint)
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=2, **kwargs)
+        return out[0, len(prompt) :].tolist()
 
     @torch.inference_mode()
     def margin(self, endpoint: str, tokens: list[int]) -> float:

@@ -24,7 +24,7 @@ from fastapi import Response
 
 from loraplex.engine.core.engine import LLMEngine, RequestOutput
 from loraplex.engine.core.errors import RequestError
-from loraplex.engine.core.sequence import FinishReason, Request, SamplingParams, TokenLogprob
+from loraplex.engine.core.sequence import FinishReason, Guide, Request, SamplingParams, TokenLogprob
 from loraplex.server import limits
 from loraplex.server.errors import APIError
 from loraplex.server.schemas import parse_body
@@ -94,6 +94,16 @@ class Call(Generic[Body]):
 
     def encode(self, text: str) -> list[int]:
         return self.engine.encode_prompt(text)
+
+    async def compile_guide(self, guide: Guide | None, field: str) -> None:
+        """A guide that does not compile is a 400 that names the field it came from, before anything is queued;
+        the compiled grammar stays in the engine's cache for the request."""
+        if guide is None:
+            return
+        try:
+            await asyncio.to_thread(self.engine.grammars.compile, guide)
+        except RequestError as e:
+            raise APIError(400, f"{field}: {e}", param=field) from e
 
     def requests(self, rid: str, prompts: list[list[int]], params: list[SamplingParams], n: int = 1) -> list[Request]:
         """The engine requests this call runs: ``n`` siblings per prompt, prompt-major, each with its own seed

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from loraplex.engine.core.engine import RequestOutput
 from loraplex.engine.core.errors import RequestError
 from loraplex.engine.core.sequence import FinishReason, TokenLogprob
-from loraplex.server import catalog, model_defaults
+from loraplex.server import catalog, guides, model_defaults
 from loraplex.server.errors import APIError
 from loraplex.server.generation import (
     Call,
@@ -127,7 +127,9 @@ async def _generate(call: Call[OllamaGenerateRequest | OllamaChatRequest], promp
     options = model_defaults.options(model_defaults.of(call), body.options)
     limit = context_limit(call.state, options.num_ctx if options else None)
     logprobs = logprobs_count(body.logprobs, body.top_logprobs)
-    params = sampling_params(options, len(prompt_ids), limit, logprobs)
+    guide = guides.ollama_format(body.format)
+    await call.compile_guide(guide, "format")
+    params = sampling_params(options, len(prompt_ids), limit, logprobs, guide)
     reply = _Reply(body.model, chat, prompt_ids, call.engine.tokenizer if logprobs is not None else None)
     requests = call.requests(request_id("chat" if chat else "gen"), [prompt_ids], [params])
     return await call.respond(requests, body.stream, reply.stream, reply.answer)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loraplex.engine.core.sequence import SamplingParams
+from loraplex.engine.core.sequence import Guide, SamplingParams
 from loraplex.server.errors import unsupported
 from loraplex.server.generation import max_new_tokens
 from loraplex.server.schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions
@@ -21,7 +21,11 @@ DEFAULTS = {
 
 
 def sampling_params(
-    options: OllamaOptions | None, num_prompt_tokens: int, context: int, logprobs: int | None = None
+    options: OllamaOptions | None,
+    num_prompt_tokens: int,
+    context: int,
+    logprobs: int | None = None,
+    guide: Guide | None = None,
 ) -> SamplingParams:
     """num_predict absent or negative (-1 infinite, -2 fill context) means up to the context limit."""
     opts = options or OllamaOptions()
@@ -44,13 +48,12 @@ def sampling_params(
         seed=None if opts.seed == -1 else opts.seed,  # -1 (Ollama's default): a random seed, as in Ollama
         stop=stop,
         logprobs=logprobs,
+        guide=guide,
     )
 
 
 def refuse_unsupported(body: OllamaGenerateRequest | OllamaChatRequest) -> None:
     """Features that would change the answer and cannot be honoured yet: a clear 400, never silence."""
-    if body.format not in (None, ""):
-        raise unsupported("structured output (format)", "format")
     if body.think:
         raise unsupported("thinking (think)", "think")
     if isinstance(body, OllamaGenerateRequest):

@@ -17,8 +17,8 @@ from fastapi.responses import StreamingResponse
 from transformers import PreTrainedTokenizerBase
 
 from loraplex.engine.core.engine import RequestOutput
-from loraplex.engine.core.sequence import FinishReason, SamplingParams, TokenLogprob
-from loraplex.server import catalog, model_defaults
+from loraplex.engine.core.sequence import FinishReason, Guide, SamplingParams, TokenLogprob
+from loraplex.server import catalog, guides, model_defaults
 from loraplex.server.errors import APIError, error_body, unsupported
 from loraplex.server.generation import (
     Call,
@@ -49,6 +49,7 @@ def _sampling(
     num_prompt: int,
     limit: int,
     logprobs: int | None,
+    guide: Guide | None,
 ) -> SamplingParams:
     """OpenAI's sampling fields and vLLM's extra ones (``top_k``, ``min_p``, ``repetition_penalty``, ...)."""
     if max_tokens is not None and max_tokens < 1:
@@ -73,6 +74,7 @@ def _sampling(
         skip_special_tokens=body.skip_special_tokens,
         logit_bias=_logit_bias(body.logit_bias),
         logprobs=logprobs,
+        guide=guide,
     )
 
 
@@ -119,8 +121,6 @@ def _messages(messages: list[OpenAIMessage]) -> list[dict[str, str]]:
 def _refuse_chat(body: ChatCompletionRequest) -> None:
     if body.tools or body.functions or body.tool_choice not in (None, "none") or body.function_call:
         raise unsupported("tool calling", "tools")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise unsupported("structured output (response_format)", "response_format")
     if not body.messages:
         raise APIError(400, "messages is empty; send at least one message", param="messages")
 
@@ -236,7 +236,9 @@ async def _generate(
     n, best_of = _choices(body.n, None if chat else body.best_of, body.stream)
     ranking = 0 if best_of > n and count is None else count  # best_of ranks by the tokens' log-probabilities
     limit = context_limit(call.state, model_defaults.num_ctx(model_defaults.of(call)))
-    params = [_sampling(body, max_tokens, len(prompt), limit, ranking) for prompt in prompts]
+    guide, field = guides.openai_guide(body)
+    await call.compile_guide(guide, field)
+    params = [_sampling(body, max_tokens, len(prompt), limit, ranking, guide) for prompt in prompts]
     rid = request_id("chatcmpl" if chat else "cmpl")
     requests = call.requests(rid, prompts, params, best_of)
     base = {"id": rid, "created": int(time.time()), "model": body.model, "system_fingerprint": None}

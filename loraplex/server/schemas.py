@@ -147,6 +147,13 @@ class _OpenAISampling(_Body):
     stop_token_ids: list[int] = Field(default_factory=list)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # structured output (server/guides.py): OpenAI's, and vLLM's current and older extra fields
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
 
     @model_validator(mode="before")
     @classmethod
@@ -164,7 +171,6 @@ class ChatCompletionRequest(_OpenAISampling):
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(_OpenAISampling):

@@ -101,6 +101,8 @@ class AsyncEngine:
         if not self.is_alive:
             raise EngineDeadError("the engine loop has stopped; this worker cannot serve requests")
         self.engine.validate(request)
+        if request.params.guide is not None:  # compiling a new schema takes milliseconds: not on the event loop
+            await asyncio.to_thread(self.engine.compile_guide, request)
         limit = self.engine.config.limits.max_waiting
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self.lock:

@@ -23,6 +23,7 @@ from loraplex.engine.core.sequence import FinishReason, Request, Sequence, Seque
 from loraplex.engine.lora.config import LoRAAdapter
 from loraplex.engine.lora.manager import LoRAManager
 from loraplex.engine.model.attention import register_paged_attention
+from loraplex.engine.model.grammar import Grammars
 from loraplex.engine.model.kv_cache import KVCache
 from loraplex.engine.model.loader import LoadedModel, cache_root, load_model, return_freed_memory
 from loraplex.engine.model.runner import ModelRunner
@@ -76,6 +77,7 @@ class _Tracked:
     detokenizer: Detokenizer
     generator: torch.Generator
     pooled: torch.Tensor | None = None  # an embed request's hidden states summed so far, float32 [hidden]
+    matcher: object | None = None  # a guided request's grammar state (xgrammar's GrammarMatcher)
 
 
 class LLMEngine:
@@ -124,6 +126,7 @@ class LLMEngine:
             self.runner.use_decode_graphs(limits.max_num_seqs, limits.max_model_len, capture=True)
         self.eos_token_ids = self._eos_token_ids()
         self.sampler = Sampler(frozenset(self.eos_token_ids))
+        self.grammars = Grammars(self.tokenizer, text_config.vocab_size, sorted(self.eos_token_ids))
         self.tracked: dict[str, _Tracked] = {}
         self.stats = EngineStats(kv_blocks_total=limits.num_kv_blocks)
 
@@ -207,8 +210,15 @@ class LLMEngine:
         if request.request_id in self.tracked:
             raise RequestError(f"request id {request.request_id!r} is already in use")
 
+    def compile_guide(self, request: Request) -> None:
+        """Compile the request's guide into ``request.grammar`` (cached by guide; safe from any thread). A guide
+        that does not compile raises RequestError."""
+        if request.params.guide is not None and request.grammar is None:
+            request.grammar = self.grammars.compile(request.params.guide)
+
     def add_request(self, request: Request) -> None:
         self.validate(request)
+        self.compile_guide(request)
         if len(self.scheduler.waiting) >= self.config.limits.max_waiting:
             raise QueueFullError(
                 f"the waiting queue is full ({self.config.limits.max_waiting} requests); retry shortly"
@@ -224,7 +234,8 @@ class LLMEngine:
         detokenizer = Detokenizer(
             self.tokenizer, params.stop, params.skip_special_tokens, params.include_stop_str_in_output
         )
-        self.tracked[request.request_id] = _Tracked(seq, detokenizer, generator)
+        matcher = self.grammars.matcher(request.grammar) if request.grammar is not None else None
+        self.tracked[request.request_id] = _Tracked(seq, detokenizer, generator, matcher=matcher)
         self.scheduler.add(seq)
         self.stats.prompt_tokens_total += len(request.prompt_token_ids)
 
@@ -253,11 +264,13 @@ class LLMEngine:
             return failed
         try:
             inputs = self.runner.prepare_inputs(chunks)
+            seqs = [c.seq for c in inputs.sampled_chunks]
+            masks = self.grammars.fill_async([self.tracked[s.seq_id].matcher for s in seqs])  # during the forward
             logits, hidden = self.runner.execute(inputs)
             self._pool_embeddings(inputs.chunks, hidden)
-            seqs = [c.seq for c in inputs.sampled_chunks]
             generators = [self.tracked[s.seq_id].generator for s in seqs]
-            sampled = self.sampler.sample(logits, seqs, generators) if seqs else SamplerOutput([], [])
+            masks = masks.result() if masks is not None else None
+            sampled = self.sampler.sample(logits, seqs, generators, masks) if seqs else SamplerOutput([], [])
         except Exception as e:  # a failed step fails its batch, never the engine
             log.exception("step failed; failing the %d requests in it", len(chunks))
             return failed + [
@@ -356,7 +369,12 @@ class LLMEngine:
     def _after_token(self, tracked: _Tracked, token: int) -> RequestOutput:
         seq, params = tracked.seq, tracked.seq.request.params
         reason = None
-        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+        guide_ended = False
+        if tracked.matcher is not None:
+            if not tracked.matcher.accept_token(token):  # the mask allowed it, so this is the engine's bug
+                return self._finish(tracked, FinishReason.ERROR, [], "", error=f"the grammar rejected token {token}")
+            guide_ended = tracked.matcher.is_terminated()  # the text is complete and its end token drawn
+        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids or guide_ended:
             reason = FinishReason.STOP
             text_ids = seq.output_token_ids[:-1]
         else:

@@ -14,6 +14,26 @@ SAMPLING_EPS = 1e-5
 MAX_LOGPROBS = 20
 
 
+class GuideKind(enum.StrEnum):
+    """What a ``Guide`` constrains the output text to."""
+
+    JSON = "json"  # any JSON object
+    JSON_SCHEMA = "json_schema"  # JSON that validates against a schema (``spec``: the schema as JSON text)
+    REGEX = "regex"  # the whole text matches a regular expression
+    CHOICE = "choice"  # exactly one of some strings (``spec``: a JSON list of them)
+    GRAMMAR = "grammar"  # an EBNF grammar (xgrammar's dialect of GBNF), root rule ``root``
+    STRUCTURAL_TAG = "structural_tag"  # text with tagged structured parts (``spec``: xgrammar's structural tag JSON)
+
+
+@dataclass(frozen=True)
+class Guide:
+    """A constraint on a request's output, enforced token by token (structured output). Plain text, so it
+    hashes: compiled grammars are cached by it (``engine/model/grammar.py``)."""
+
+    kind: GuideKind
+    spec: str = ""
+
+
 @dataclass
 class SamplingParams:
     """How to pick tokens and when to stop. Validated on construction; messages say what to change."""
@@ -36,6 +56,7 @@ class SamplingParams:
     min_tokens: int = 0  # end-of-sequence and stop_token_ids cannot be drawn before this many new tokens
     include_stop_str_in_output: bool = False  # keep the stop string that ended the text
     skip_special_tokens: bool = True  # leave special tokens' text out of the output text
+    guide: Guide | None = None  # structured output: only tokens that keep the text valid can be drawn
 
     def __post_init__(self) -> None:
         checks = [
@@ -87,6 +108,9 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     arrival_time: float = field(default_factory=time.monotonic)
     embed: bool = False
+    # ``params.guide`` compiled for the engine's tokenizer; the server compiles it off the event loop before it
+    # submits (a grammar that does not compile is its 400), the engine compiles it when nobody has.
+    grammar: object | None = None
 
 
 class SequenceStatus(enum.Enum):

@@ -1,6 +1,8 @@
 """Turning one step's logits into one token per sequence, for the whole batch at once.
 
-Order: the log-probabilities of the rows that ask for them, from the raw logits; then, in place, logit biases
+Order: the grammar masks of constrained rows (structured output, ``grammar.py``); the log-probabilities of the
+rows that ask for them, from those logits (a constrained row's disallowed tokens have log-probability -inf, as in
+vLLM); then, in place, logit biases
 (and the bans of ``min_tokens``) and penalties; then greedy rows (temperature below ``SAMPLING_EPS``) take the argmax;
 sampled rows are divided by their temperature, filtered by top-k, top-p and min-p, and drawn with their own
 generator. Each request owns a ``torch.Generator`` seeded from its ``seed`` and makes one draw per token from
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from loraplex.engine.core.sequence import SamplingParams, Sequence, TokenLogprob
+from loraplex.engine.model.grammar import Masks
 
 
 def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: frozenset[int]) -> None:
@@ -190,11 +193,17 @@ class Sampler:
         return self.sample(logits, seqs, generators).token_ids
 
     def sample(
-        self, logits: torch.Tensor, seqs: list[Sequence], generators: list[torch.Generator | None]
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        generators: list[torch.Generator | None],
+        masks: Masks | None = None,
     ) -> SamplerOutput:
         """One token per row, and the log-probabilities of the rows that ask for them (``params.logprobs``):
-        the log-softmax of the raw logits, taken before the penalties change ``logits`` in place. Rows that do
-        not ask cost nothing."""
+        the log-softmax of the logits after the grammar masks, taken before the penalties change ``logits`` in
+        place. Rows that do not ask cost nothing."""
+        if masks is not None:
+            masks.apply(logits)
         params = [s.request.params for s in seqs]
         asking = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw = logits[asking].log_softmax(dim=-1) if asking else None  # [len(asking), vocab]
