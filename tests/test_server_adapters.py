@@ -204,6 +204,8 @@ def test_ollama_create_and_delete(server: ServerProcess, roots: Path) -> None:
         response = httpx.post(f"{url}/api/create", json=body)
         assert response.status_code == 400, what
         assert isinstance(response.json()["error"], str), what
+    blob = httpx.post(f"{url}/api/create", json=refusals["blob digest"]).json()["error"]
+    assert "adapter blobs" in blob and "sha256" in blob
 
     assert httpx.request("DELETE", f"{url}/api/delete", json={"model": "beta:latest"}).status_code == 200
     assert httpx.request("DELETE", f"{url}/api/delete", json={"model": "beta-json"}).status_code == 200

@@ -96,12 +96,21 @@ def _spec(body: OllamaCreateRequest) -> ModelSpec:
         raise APIError(400, f"send either modelfile or {', '.join(fields)}, not both", param="modelfile")
     try:
         if body.modelfile is not None:
-            return parse_modelfile(body.modelfile)
-        return spec_from_fields(
-            body.from_, body.adapters, body.system, body.template, body.parameters, body.messages, body.license
-        )
+            spec = parse_modelfile(body.modelfile)
+        else:
+            spec = spec_from_fields(
+                body.from_, body.adapters, body.system, body.template, body.parameters, body.messages, body.license
+            )
     except ModelfileError as e:
         raise APIError(400, str(e), param=e.where) from e
+    if spec.adapter is not None and spec.adapter.startswith("sha256:"):
+        raise APIError(
+            400,
+            "adapter blobs (sha256 digests uploaded with /api/blobs) are not supported; give the adapter's path "
+            "inside the configured adapter roots instead of its digest",
+            param="adapters",
+        )
+    return spec
 
 
 def _parent(state: ServerState, engine: LLMEngine, spec: ModelSpec) -> tuple[str, ModelSpec]:
