@@ -31,6 +31,7 @@ SERVED = {
     "/api/show",
     "/api/version",
     "/api/create",
+    "/api/copy",
     "/api/delete",
     "/v1/chat/completions",
     "/v1/completions",

@@ -307,6 +307,7 @@ def test_runtime_loading_off_is_refused() -> None:
         ("/v1/unload_lora_adapter", {"lora_name": "x"}),
         ("/api/create", {"model": "x", "modelfile": "FROM base\nADAPTER x"}),
         ("/api/delete", {"model": "x"}),
+        ("/api/copy", {"source": "base", "destination": "x"}),
     ]
     for path, body in requests:
         response = client.post(path, json=body)
