@@ -13,6 +13,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from loraplex.server import tools as tooling
 from loraplex.server.generation import Call
 from loraplex.server.modelfile import ModelSpec
 from loraplex.server.prompts import render_chat, render_go_template
@@ -60,10 +61,16 @@ def messages(spec: ModelSpec, sent: list[dict[str, str]]) -> list[dict[str, str]
     return [*system, *spec.messages, *sent[lead:]]
 
 
-def render(tokenizer: PreTrainedTokenizerBase, spec: ModelSpec, conversation: list[dict[str, str]]) -> str:
-    """A chat's prompt: through the model's TEMPLATE when it has one, else the model's chat template."""
+def render(
+    tokenizer: PreTrainedTokenizerBase,
+    spec: ModelSpec,
+    conversation: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
+    """A chat's prompt: through the model's TEMPLATE when it has one, else the model's chat template (with the
+    request's tools, when that template renders them: ``tools.conversation``)."""
     if spec.template is None:
-        return render_chat(tokenizer, conversation)
+        return render_chat(tokenizer, conversation, tools)
     return render_turns(spec.template, conversation)
 
 
@@ -81,9 +88,12 @@ def render_turns(template: str, conversation: list[dict[str, str]]) -> str:
     return "".join(out) + render_go_template(template, turn["system"], turn["user"])
 
 
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, spec: ModelSpec, body: OllamaChatRequest) -> str:
-    sent = [{"role": m.role, "content": m.content} for m in body.messages]
-    return render(tokenizer, spec, messages(spec, sent))
+def chat_prompt(
+    tokenizer: PreTrainedTokenizerBase, spec: ModelSpec, body: OllamaChatRequest, tools: tooling.Tools | None = None
+) -> str:
+    sent = [tooling.ollama_turn(i, m) for i, m in enumerate(body.messages)]
+    conversation, template_tools = tooling.conversation(tokenizer, messages(spec, sent), tools)
+    return render(tokenizer, spec, conversation, template_tools)
 
 
 def generate_prompt(tokenizer: PreTrainedTokenizerBase, spec: ModelSpec, body: OllamaGenerateRequest) -> str:

@@ -22,6 +22,7 @@ from loraplex.engine.core.engine import RequestOutput
 from loraplex.engine.core.errors import RequestError
 from loraplex.engine.core.sequence import FinishReason, TokenLogprob
 from loraplex.server import catalog, guides, model_defaults
+from loraplex.server import tools as tooling
 from loraplex.server.errors import APIError
 from loraplex.server.generation import (
     Call,
@@ -88,9 +89,14 @@ class _Reply:
     chat: bool
     prompt_ids: list[int]
     tokenizer: PreTrainedTokenizerBase | None  # set when the request asked for logprobs
+    tools: tooling.Tools | None = None  # a chat's tools: calls are parsed out of the answer
 
-    def fields(self, text: str, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+    def fields(
+        self, text: str, logprobs: list[TokenLogprob], calls: list[tooling.Call] | None = None
+    ) -> dict[str, Any]:
         fields = {"model": self.model, "created_at": _now(), **_content(text, self.chat)}
+        if calls:
+            fields["message"]["tool_calls"] = tooling.ollama_calls(calls)
         if self.tokenizer is not None:
             fields["logprobs"] = token_entries(self.tokenizer, logprobs)
         return fields
@@ -101,9 +107,12 @@ class _Reply:
 
     def answer(self, completed: list[Completed]) -> dict[str, Any]:
         (done,) = completed
-        return self.fields(done.text, done.logprobs) | _final_fields(done.last) | self.context(done.token_ids)
+        text, calls = self.tools.parse(done.text) if self.tools else (done.text, [])
+        return self.fields(text, done.logprobs, calls) | _final_fields(done.last) | self.context(done.token_ids)
 
     def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> StreamingResponse:
+        calls = tooling.CallStream(self.tools) if self.tools else None
+
         async def lines() -> AsyncIterator[bytes]:
             output_ids: list[int] = []
             async for _, out in outputs:  # one request: index 0
@@ -111,7 +120,14 @@ class _Reply:
                 if out.finish_reason is FinishReason.ERROR:
                     yield _line({"error": f"generation failed in the engine: {out.error}"})
                     return
-                chunk = self.fields(out.text_delta, out.logprobs or [])
+                if calls is None:
+                    chunk = self.fields(out.text_delta, out.logprobs or [])
+                else:  # text once it is surely content; the calls when the answer ends
+                    text, made = calls.feed(out.text_delta), []
+                    if out.finished:
+                        tail, made = calls.finish()
+                        text += tail
+                    chunk = self.fields(text, out.logprobs or [], made)
                 if out.finished:
                     chunk |= _final_fields(out) | self.context(output_ids)
                 else:
@@ -121,16 +137,18 @@ class _Reply:
         return StreamingResponse(lines(), media_type=NDJSON)
 
 
-async def _generate(call: Call[OllamaGenerateRequest | OllamaChatRequest], prompt_ids: list[int]) -> Any:
+async def _generate(
+    call: Call[OllamaGenerateRequest | OllamaChatRequest], prompt_ids: list[int], tools: tooling.Tools | None = None
+) -> Any:
     """Both generation routes once the prompt is tokenized: Ollama's options, then NDJSON or one object."""
     body, chat = call.body, isinstance(call.body, OllamaChatRequest)
     options = model_defaults.options(model_defaults.of(call), body.options)
     limit = context_limit(call.state, options.num_ctx if options else None)
     logprobs = logprobs_count(body.logprobs, body.top_logprobs)
-    guide = guides.ollama_format(body.format)
-    await call.compile_guide(guide, "format")
+    guide, field = tooling.constraint(tools, guides.ollama_format(body.format), "format")
+    await call.compile_guide(guide, field)
     params = sampling_params(options, len(prompt_ids), limit, logprobs, guide)
-    reply = _Reply(body.model, chat, prompt_ids, call.engine.tokenizer if logprobs is not None else None)
+    reply = _Reply(body.model, chat, prompt_ids, call.engine.tokenizer if logprobs is not None else None, tools)
     requests = call.requests(request_id("chat" if chat else "gen"), [prompt_ids], [params])
     return await call.respond(requests, body.stream, reply.stream, reply.answer)
 
@@ -170,8 +188,9 @@ async def chat(request: Request) -> Any:
     if not body.messages:
         return _lifecycle(body.model, body.keep_alive, chat=True)
     refuse_unsupported(body)
-    prompt = model_defaults.chat_prompt(call.engine.tokenizer, model_defaults.of(call), body)
-    return await _generate(call, call.encode(prompt))
+    tools = tooling.read(body.tools, body.tool_choice, call.state.config.model.tool_parser)
+    prompt = model_defaults.chat_prompt(call.engine.tokenizer, model_defaults.of(call), body, tools)
+    return await _generate(call, call.encode(prompt), tools)
 
 
 async def _embed(

@@ -62,10 +62,6 @@ def refuse_unsupported(body: OllamaGenerateRequest | OllamaChatRequest) -> None:
         if body.images:
             raise unsupported("images", "images")
         return
-    if body.tools:
-        raise unsupported("tool calling (tools)", "tools")
     for i, message in enumerate(body.messages):
         if message.images:
             raise unsupported("images", f"messages[{i}].images")
-        if message.tool_calls or message.role == "tool":
-            raise unsupported("tool calling", f"messages[{i}]")

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from loraplex.engine.core.engine import RequestOutput
 from loraplex.engine.core.sequence import FinishReason, Guide, SamplingParams, TokenLogprob
 from loraplex.server import catalog, guides, model_defaults
+from loraplex.server import tools as tooling
 from loraplex.server.errors import APIError, error_body, unsupported
 from loraplex.server.generation import (
     Call,
@@ -103,24 +104,35 @@ def _choices(n: int, best_of: int | None, stream: bool) -> tuple[int, int]:
     return n, best
 
 
-def _messages(messages: list[OpenAIMessage]) -> list[dict[str, str]]:
-    """OpenAI messages as the chat template expects them: plain text content, developer as system."""
+def _messages(messages: list[OpenAIMessage]) -> list[dict[str, Any]]:
+    """OpenAI messages as the chat template expects them: plain text content, developer as system, an
+    assistant's calls and a tool's result in transformers' shape (``tools.conversation`` renders them)."""
     out = []
     for i, message in enumerate(messages):
-        if message.role == "tool":
-            raise unsupported("tool calling", f"messages[{i}]")
         content = message.content
         if isinstance(content, list):
             if any(part.type != "text" for part in content):
                 raise unsupported("non-text content (images, audio, files)", f"messages[{i}].content")
             content = "".join(part.text or "" for part in content)
-        out.append({"role": "system" if message.role == "developer" else message.role, "content": content or ""})
+        turn: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role}
+        turn["content"] = content or ""
+        if message.role == "tool":
+            if not message.tool_call_id:
+                raise APIError(
+                    400,
+                    f"messages[{i}] is a tool result without tool_call_id; send the id of the call it answers",
+                    param=f"messages[{i}].tool_call_id",
+                )
+            turn["tool_call_id"] = message.tool_call_id
+        if message.tool_calls:
+            turn["tool_calls"] = tooling.template_calls(message.tool_calls, f"messages[{i}].tool_calls", json_text=True)
+        out.append(turn)
     return out
 
 
 def _refuse_chat(body: ChatCompletionRequest) -> None:
-    if body.tools or body.functions or body.tool_choice not in (None, "none") or body.function_call:
-        raise unsupported("tool calling", "tools")
+    if body.functions or body.function_call:
+        raise unsupported("functions and function_call (replaced by tools and tool_choice)", "functions")
     if not body.messages:
         raise APIError(400, "messages is empty; send at least one message", param="messages")
 
@@ -168,16 +180,48 @@ class _Logprobs:
 
 
 def _choice(
-    index: int, text: str, out: RequestOutput, chat: bool, streamed: bool, logprobs: dict[str, Any] | None
+    index: int,
+    text: str,
+    out: RequestOutput,
+    chat: bool,
+    streamed: bool,
+    logprobs: dict[str, Any] | None,
+    tools: tooling.Tools | None = None,
 ) -> dict[str, Any]:
-    """One choice of an answer or a chunk: chat has a message (a delta when streamed), completions text."""
+    """One choice of an answer or a chunk: chat has a message (a delta when streamed), completions text. A whole
+    chat answer to a request with tools carries the calls it made, parsed out of its text."""
+    reason = _finish_reason(out)
     if not chat:
         content: dict[str, Any] = {"text": text}
     elif streamed:
         content = {"delta": {"content": text} if text else {}}
     else:
-        content = {"message": {"role": "assistant", "content": text, "refusal": None}}
-    return {"index": index, **content, "logprobs": logprobs, "finish_reason": _finish_reason(out)}
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        text, calls = tools.parse(text) if tools else (text, [])
+        if calls:
+            calls = [{k: v for k, v in c.items() if k != "index"} for c in tooling.openai_calls(calls)]
+            message |= {"content": text or None, "tool_calls": calls}
+            reason = "tool_calls"
+        content = {"message": message}
+    return {"index": index, **content, "logprobs": logprobs, "finish_reason": reason}
+
+
+def _tool_chunks(
+    index: int, stream: tooling.CallStream, text: str, out: RequestOutput, logprobs: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """A streamed chat choice of a request with tools: text once it is surely content, and when the answer
+    ends, its calls as one ``tool_calls`` delta, then the finish reason."""
+    content = stream.feed(text)
+    if not out.finished:
+        delta = {"content": content} if content else {}
+        return [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}] if delta else []
+    tail, calls = stream.finish()
+    delta = {"content": content + tail} if content + tail else {}
+    if calls:
+        delta["tool_calls"] = tooling.openai_calls(calls)
+    reason = "tool_calls" if calls else _finish_reason(out)
+    last = {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
+    return [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}, last]
 
 
 def _event_stream(
@@ -187,8 +231,10 @@ def _event_stream(
     include_usage: bool,
     logprobs: list[_Logprobs],
     echoes: list[str],
+    tools: tooling.Tools | None = None,
 ) -> StreamingResponse:
     """One choice per request, indexed as the requests; ``echoes`` go before each choice's first text."""
+    calls = [tooling.CallStream(tools) for _ in logprobs] if tools else None
 
     def chunk(choice: dict[str, Any]) -> dict[str, Any]:
         return base | {"choices": [choice]} | ({"usage": None} if include_usage else {})
@@ -204,7 +250,12 @@ def _event_stream(
                 yield _sse(error_body(APIError(500, f"generation failed in the engine: {out.error}"), "/v1"))
                 break
             text, unsent[index] = unsent[index] + out.text_delta, ""
-            yield _sse(chunk(_choice(index, text, out, chat, True, logprobs[index](out.logprobs or []))))
+            shaped = logprobs[index](out.logprobs or [])
+            if calls is None:
+                yield _sse(chunk(_choice(index, text, out, chat, True, shaped)))
+            else:
+                for choice in _tool_chunks(index, calls[index], text, out, shaped):
+                    yield _sse(chunk(choice))
             if out.finished:
                 lasts[index] = out
         if include_usage and len(lasts) == len(logprobs):
@@ -228,6 +279,7 @@ async def _generate(
     prompts: list[list[int]],
     max_tokens: int | None,
     echoes: list[str] | None = None,
+    tools: tooling.Tools | None = None,
 ) -> Any:
     """Both routes once the prompts are tokenized: ``n`` (or ``best_of``) sibling requests per prompt with
     OpenAI's and vLLM's sampling fields, then SSE chunks or one object with a choice per sibling kept."""
@@ -236,7 +288,7 @@ async def _generate(
     n, best_of = _choices(body.n, None if chat else body.best_of, body.stream)
     ranking = 0 if best_of > n and count is None else count  # best_of ranks by the tokens' log-probabilities
     limit = context_limit(call.state, model_defaults.num_ctx(model_defaults.of(call)))
-    guide, field = guides.openai_guide(body)
+    guide, field = tooling.constraint(tools, *guides.openai_guide(body))
     await call.compile_guide(guide, field)
     params = [_sampling(body, max_tokens, len(prompt), limit, ranking, guide) for prompt in prompts]
     rid = request_id("chatcmpl" if chat else "cmpl")
@@ -249,11 +301,11 @@ async def _generate(
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         kind = "chat.completion.chunk" if chat else "text_completion"
         shapes = [_Logprobs(tokenizer, chat) for _ in requests]
-        return _event_stream(outputs, base | {"object": kind}, chat, include_usage, shapes, echoes)
+        return _event_stream(outputs, base | {"object": kind}, chat, include_usage, shapes, echoes, tools)
 
     def whole(completed: list[Completed]) -> dict[str, Any]:
         choices = [
-            _choice(i, echo + done.text, done.last, chat, False, _Logprobs(tokenizer, chat)(done.logprobs))
+            _choice(i, echo + done.text, done.last, chat, False, _Logprobs(tokenizer, chat)(done.logprobs), tools)
             for i, (echo, done) in enumerate(zip(echoes, _best(completed, n, best_of), strict=True))
         ]
         usage = _usage([done.last for done in completed], best_of)
@@ -268,9 +320,12 @@ async def chat_completions(request: Request) -> Any:
     spec = model_defaults.of(call)
     body = call.body = model_defaults.openai_chat(spec, call.body)
     _refuse_chat(body)
-    prompt_ids = call.encode(model_defaults.render(call.engine.tokenizer, spec, _messages(body.messages)))
+    tools = tooling.read(body.tools, body.tool_choice, call.state.config.model.tool_parser)
+    tokenizer = call.engine.tokenizer
+    conversation, template_tools = tooling.conversation(tokenizer, _messages(body.messages), tools)
+    prompt_ids = call.encode(model_defaults.render(tokenizer, spec, conversation, template_tools))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    return await _generate(call, [prompt_ids], max_tokens)
+    return await _generate(call, [prompt_ids], max_tokens, tools=tools)
 
 
 def _completion_prompts(call: Call[CompletionRequest]) -> list[list[int]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
@@ -19,10 +19,13 @@ from transformers import PreTrainedTokenizerBase
 from loraplex.engine.core.errors import RequestError
 
 
-def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
-    """The model's own chat template with the assistant turn opened."""
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> str:
+    """The model's own chat template with the assistant turn opened (and ``tools``, for a template that
+    renders them)."""
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
     except TemplateError as e:
         raise RequestError(f"the messages do not fit the model's chat template: {e}") from e
 

@@ -48,7 +48,8 @@ class OllamaMessage(_Body):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[Any] | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls: {"function": {"name", "arguments"}}
+    tool_name: str | None = None  # a tool turn: the tool that answered
 
 
 class _OllamaGenerateBase(_Body):
@@ -75,6 +76,7 @@ class OllamaGenerateRequest(_OllamaGenerateBase):
 class OllamaChatRequest(_OllamaGenerateBase):
     messages: list[OllamaMessage] = Field(default_factory=list)
     tools: list[Any] | None = None
+    tool_choice: Any = None  # loraplex's extension, as OpenAI's: Ollama itself always lets the model choose (auto)
 
 
 class OllamaEmbedRequest(_Body):
@@ -122,6 +124,8 @@ class OpenAIMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
 class _OpenAISampling(_Body):

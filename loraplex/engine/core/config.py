@@ -19,6 +19,7 @@ from loraplex.engine.lora.gguf_adapter import is_gguf_file
 DEFAULT_CONFIG_PATH = Path(__file__).parents[2] / "default_config.toml"  # loraplex/default_config.toml
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "nf4", "int8")
+TOOL_PARSERS = ("hermes", "llama3_json")  # how the model writes tool calls (server/tools.py)
 
 
 @dataclass
@@ -50,6 +51,10 @@ class ModelConfig:
     # (kernels/cuda/triton_decode.py) and RMSNorm in one Triton kernel (kernels/cuda/triton_norm.py), each checked
     # against torch at start; false, or no Triton, uses SDPA over the blocks gathered per step and transformers' norm
     triton_kernels: bool = True
+    # how the model writes tool calls: "hermes" (<tool_call>{"name": ..., "arguments": ...}</tool_call>, also the
+    # format the server asks for when the chat template cannot render tools) or "llama3_json" (Llama 3.1/3.2's
+    # {"name": ..., "parameters": ...}); see server/tools.py
+    tool_parser: str = "hermes"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -58,6 +63,8 @@ class ModelConfig:
             raise ConfigError(f"model.quantization = {self.quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"model.device = {self.device!r}; use 'cpu' or 'cuda[:N]'")
+        if self.tool_parser not in TOOL_PARSERS:
+            raise ConfigError(f"model.tool_parser = {self.tool_parser!r}; use one of {', '.join(TOOL_PARSERS)}")
         if self.num_threads < 0:
             raise ConfigError(f"model.num_threads = {self.num_threads}; use 0 (the CPU quota) or more")
         for name in ("packed_weights", "enforce_eager", "cpu_kernels", "gguf_weights", "triton_kernels"):
