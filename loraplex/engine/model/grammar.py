@@ -53,7 +53,7 @@ class Grammars:
         self.tokenizer, self.vocab_size, self.stop_token_ids = tokenizer, vocab_size, sorted(stop_token_ids)
         self._compiler: xgr.GrammarCompiler | None = None
         self._lock = threading.Lock()
-        self._filler = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+        self._filler: ThreadPoolExecutor | None = None  # started by the first guided step
 
     @property
     def compiler(self) -> xgr.GrammarCompiler:
@@ -95,6 +95,8 @@ class Grammars:
         rows = [i for i, m in enumerate(matchers) if m is not None]
         if not rows:
             return None
+        if self._filler is None:
+            self._filler = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
         return self._filler.submit(self._fill, matchers, rows)
 
     def _fill(self, matchers: list[xgr.GrammarMatcher | None], rows: list[int]) -> Masks:
