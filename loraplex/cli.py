@@ -91,11 +91,14 @@ def migrate(args: argparse.Namespace) -> None:
             name, sep, path = spec.partition("=")
             if not sep or not name or not Path(path).is_file():
                 raise ConfigError(f"--modelfile {spec!r}: write NAME=PATH to an existing Modelfile")
-            sources.append(migration.parse_modelfile(Path(path).read_text(), name, Path(path).resolve().parent))
+            sources.append(migration.read_modelfile(Path(path).expanduser().resolve(), name))
     out = Path(args.out)
     warnings = migration.write_config(sources, migration.parse_replicas(args.replicas), out)
-    load_config(out)  # what was written loads: names, slots, paths
+    config = load_config(out)  # what was written loads: names, slots, paths
     print(f"wrote {out}: {', '.join(s.name for s in sources)} on one base")
+    modelfiles = [Path(e.modelfile).name for e in config.endpoints if e.modelfile]
+    if modelfiles:
+        print(f"and beside it each endpoint's Modelfile (its old pod's settings): {', '.join(modelfiles)}")
     for warning in warnings:
         print(f"warning: {warning}")
     print(f"serve it with: loraplex serve --config {out}")
@@ -186,7 +189,11 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--from-ollama", metavar="DIR", help="Ollama's models folder (manifests/ and blobs/)")
     m.add_argument("--modelfile", action="append", default=[], metavar="NAME=PATH", help="a Modelfile (repeatable)")
     m.add_argument("--replicas", action="append", default=[], metavar="NAME=N", help="old replica count = slots")
-    m.add_argument("--out", default="loraplex.toml", help="the config to write (default: loraplex.toml)")
+    m.add_argument(
+        "--out",
+        default="loraplex.toml",
+        help="the config to write (default: loraplex.toml); each endpoint's Modelfile goes beside it",
+    )
     m.set_defaults(func=migrate)
     p.add_argument(
         "--modelfile",

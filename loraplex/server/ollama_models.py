@@ -325,7 +325,8 @@ async def restore(state: ServerState) -> None:
 
 def _startup_spec(state: ServerState, engine: LLMEngine, endpoint: Any) -> ModelSpec:
     """An endpoint's Modelfile (``serve --modelfile``, or ``modelfile`` in the config): its defaults. Its
-    ADAPTER must be the endpoint's adapter; FROM is taken to name the one base this server holds."""
+    ADAPTER must be the endpoint's adapter; FROM is taken to name the one base this server holds (a model name,
+    or its file, as `loraplex migrate` writes it)."""
     path = Path(endpoint.modelfile)
     try:
         spec = parse_modelfile(path.read_text())
@@ -337,7 +338,9 @@ def _startup_spec(state: ServerState, engine: LLMEngine, endpoint: Any) -> Model
             f"endpoint {endpoint.name}: Modelfile {path} has ADAPTER {adapter or '(none)'} but the endpoint serves "
             f"{endpoint.adapter or 'the base'}; make them agree"
         )
-    if spec.base and state.router.endpoint_of_name(spec.base) is None and spec.base != engine.model_name:
+    named = spec.base and (state.router.endpoint_of_name(spec.base) is not None or spec.base == engine.model_name)
+    base_file = state.config.model.path and Path(state.config.model.path).resolve()
+    if spec.base and not named and (path.parent / Path(spec.base).expanduser()).resolve() != base_file:
         log.warning(
             "endpoint %s: Modelfile %s says FROM %s; served on %s", endpoint.name, path, spec.base, engine.model_name
         )
