@@ -813,8 +813,9 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def run_benchmark(args: argparse.Namespace) -> dict:
-    started = time.perf_counter()
+def engine_config(args: argparse.Namespace) -> tuple[EngineConfig, int]:
+    """The config of ``--config`` with ``--threads`` and ``--num-kv-blocks`` applied, and the torch threads (set
+    for this process too)."""
     transformers.logging.set_verbosity_error()
     config: EngineConfig = load_config(args.config)
     threads = args.threads or config.model.num_threads or torch.get_num_threads()
@@ -822,6 +823,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if args.num_kv_blocks:
         config.limits = dataclasses.replace(config.limits, num_kv_blocks=args.num_kv_blocks)
     torch.set_num_threads(threads)
+    return config, threads
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    config, threads = engine_config(args)
     machine = machine_description(threads)
     revision = source_revision()
     model_dir, model_name, _ = resolve_model_dir(config.model)
