@@ -201,7 +201,7 @@ def test_engine_greedy_tokens_are_the_same_packed_or_not(default_config: EngineC
     assert any(isinstance(m, Q4PanelLinear) for m in engine.model.modules())  # the default: the GGUF's blocks
     prompts = [engine.tokenizer.encode(text) for text in ("def fibonacci(n):", "The capital of France is", "Hi")]
     requests = [
-        Request(f"packed-{i}", endpoint, prompt, SamplingParams(max_tokens=24, ignore_eos=True))
+        Request(f"packed-{i}", endpoint, prompt, SamplingParams(max_tokens=12, ignore_eos=True))
         for i, (endpoint, prompt) in enumerate(zip(["base", "chatbot", "code"], prompts, strict=True))
     ]
     expected = engine.generate(requests)

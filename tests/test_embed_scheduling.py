@@ -1,7 +1,7 @@
 """Embeddings are requests: scheduled, chunked within the token budget and batched with other requests' steps.
 
 Before, an /api/embed request ran as one forward pass of all its tokens on the engine thread, outside the
-scheduler: every stream on every endpoint stopped while it ran. Here the longest forward pass while a 4k-token
+scheduler: every stream on every endpoint stopped while it ran. Here the longest forward pass while a 2k-token
 embedding runs beside eight streams must stay within ``max_num_batched_tokens``, every stream must keep
 getting tokens meanwhile, and the vector must equal transformers + PEFT's mean-pooled last hidden states.
 """
@@ -20,7 +20,7 @@ from reliability_server import InProcessServer, config
 from loraplex.engine.core.sequence import Request, SamplingParams
 
 BUDGET = 256  # the harness's max_num_batched_tokens
-EMBED_TOKENS = 4096
+EMBED_TOKENS = 2048
 
 
 def oracle_embedding(oracle, endpoint: str, token_ids: list[int]) -> torch.Tensor:
@@ -44,7 +44,7 @@ def test_chunked_embeddings_equal_the_oracle_beside_generation(make_engine, orac
     text = "Paged attention keeps the KV cache in fixed-size blocks. " * 30
     ids = engine.encode_prompt(text)[:300]
     cases = {"e-base": ("base", ids), "e-code": ("code", ids[:200]), "e-chat": ("chatbot", ids[:77])}
-    requests = [Request("gen", "summarization", ids[:40], SamplingParams(max_tokens=100, ignore_eos=True))]
+    requests = [Request("gen", "summarization", ids[:40], SamplingParams(max_tokens=60, ignore_eos=True))]
     requests += [Request(rid, ep, t, SamplingParams(max_tokens=1), embed=True) for rid, (ep, t) in cases.items()]
     results = engine.generate(requests)
     assert engine.stats.preemptions_total > 0, "the tiny KV pool should have preempted an embedding"
@@ -53,7 +53,7 @@ def test_chunked_embeddings_equal_the_oracle_beside_generation(make_engine, orac
         assert out.finished and out.new_token_ids == [] and out.num_output_tokens == 0
         got = torch.tensor(out.embedding)
         assert (got - oracle_embedding(oracle, endpoint, token_ids)).abs().max() < 1e-4, rid
-    assert results["gen"][-1].num_output_tokens == 100
+    assert results["gen"][-1].num_output_tokens == 60
     assert engine.block_manager.num_used_blocks == 0 and not engine.lora.slots.refs
 
 
@@ -66,7 +66,7 @@ def server():
 
 
 def test_a_long_embedding_does_not_stall_streams(server: InProcessServer) -> None:
-    """A 4k-token embedding while eight streams decode: no forward pass exceeds the token budget, the streams
+    """A 2k-token embedding while eight streams decode: no forward pass exceeds the token budget, the streams
     keep getting tokens while it runs, and its vector equals the same input embedded alone."""
     engine = server.engine
     forwards: list[tuple[float, int]] = []  # (end time, tokens) of every forward pass of the model
@@ -80,7 +80,7 @@ def test_a_long_embedding_does_not_stall_streams(server: InProcessServer) -> Non
 
     def stream(i: int) -> None:
         body = {"model": ["base", "chatbot", "code", "summarization"][i % 4], "prompt": "Count: 1, 2, 3,"}
-        body |= {"raw": True, "options": {"num_predict": 120, "temperature": 0, "repeat_penalty": 1.0}}
+        body |= {"raw": True, "options": {"num_predict": 60, "temperature": 0, "repeat_penalty": 1.0}}
         with httpx.stream("POST", f"{server.url}/api/generate", json=body, timeout=300) as response:
             assert response.status_code == 200
             for _ in response.iter_lines():
