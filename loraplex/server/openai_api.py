@@ -214,7 +214,8 @@ def _tool_chunks(
     content = stream.feed(text)
     if not out.finished:
         delta = {"content": content} if content else {}
-        return [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}] if delta else []
+        held = not delta and logprobs is None  # nothing to send yet (held text's logprobs still go out)
+        return [] if held else [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}]
     tail, calls = stream.finish()
     delta = {"content": content + tail} if content + tail else {}
     if calls:
