@@ -85,10 +85,11 @@ class Settings:
     output_len: int = 16
     zipf_s: float = 1.0
     seed: int = 0
+    num_kv_blocks: int = 0  # limits.num_kv_blocks of both engines; 0 = the config's
 
 
 FULL = Settings()
-QUICK = Settings(trials=2, prompt_len=32, batch_size=2, num_adapters=6, num_requests=8, output_len=4)
+QUICK = Settings(trials=2, prompt_len=32, batch_size=2, num_adapters=6, num_requests=8, output_len=4, num_kv_blocks=64)
 
 
 # ---- observing slot loads without changing the engine --------------------------------------------------------
@@ -154,9 +155,9 @@ def make_zipf_adapters(root: Path, num_adapters: int, seed: int) -> dict[str, Pa
     return paths
 
 
-def engine_config(base: EngineConfig, max_loras: int) -> EngineConfig:
+def engine_config(base: EngineConfig, max_loras: int, num_kv_blocks: int = 0) -> EngineConfig:
     limits = dataclasses.replace(base.limits, max_loras=max_loras, max_lora_rank=16)
-    return dataclasses.replace(base, limits=limits)
+    return et.with_kv_pool(dataclasses.replace(base, limits=limits), num_kv_blocks)
 
 
 def register(engine: LLMEngine, names: list[str], path: Path) -> list[float]:
@@ -470,7 +471,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def swap_parts(config: EngineConfig, swap_path: Path, pool: list[list[int]], settings: Settings) -> dict:
     """Parts 1 and 2 on one engine; returns their results and the engine (reused for part 3)."""
-    engine = LLMEngine(engine_config(config, settings.max_loras))
+    engine = LLMEngine(engine_config(config, settings.max_loras, settings.num_kv_blocks))
     recorder = LoadRecorder(engine)
     cold = [f"swap-cold-{i}" for i in range(settings.max_loras + 2)]
     read_s = register(engine, ["swap-hot", "swap-resident", *cold], swap_path)
@@ -500,7 +501,7 @@ def throughput_part(
     """Part 3: the same Zipf workload on the swapping engine and on a new one with every adapter resident."""
     names = list(paths)
     workload = make_zipf_workload(pool, names, settings)
-    resident = LLMEngine(engine_config(config, len(names)))
+    resident = LLMEngine(engine_config(config, len(names), settings.num_kv_blocks))
     runs = {
         f"max_loras={settings.max_loras} (swapping)": (swapping, recorder),
         f"max_loras={len(names)} (all resident)": (resident, LoadRecorder(resident)),
@@ -550,7 +551,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "machine": machine,
         "source": et.source_revision(),
         "model": model,
-        "engine_limits": dataclasses.asdict(engine_config(config, settings.max_loras).limits),
+        "engine_limits": dataclasses.asdict(engine_config(config, settings.max_loras, settings.num_kv_blocks).limits),
         "settings": dataclasses.asdict(settings),
         "quick": args.quick,
         "swap_adapter": {**SWAP_SPEC, "host_mb": swap["adapter_mb"], "read_from_disk_ms": swap["read_ms"]},

@@ -62,21 +62,22 @@ VARIANTS = {
 }
 
 
-def serve_measurements(variant: Variant) -> None:
-    """A variant's process: build the default engine, then answer each line ``N`` on stdin with the median
-    decode step (seconds) of one request of N tokens."""
+def serve_measurements(variant: Variant, num_kv_blocks: int | None = None) -> None:
+    """A variant's process: build the default engine (with a KV pool of ``num_kv_blocks``, when given), then
+    answer each line ``N`` on stdin with the median decode step (seconds) of one request of N tokens."""
     if variant.passive:
         import loraplex.engine  # noqa: F401  before torch: it sets OpenMP's wait policy, read when torch loads
 
     import torch
     import transformers
+    from engine_throughput import with_kv_pool
 
     from loraplex.engine.core.config import load_config
     from loraplex.engine.core.engine import LLMEngine
     from loraplex.engine.core.sequence import Request, SamplingParams
 
     transformers.logging.set_verbosity_error()
-    config = load_config()
+    config = with_kv_pool(load_config(), num_kv_blocks)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, num_threads=variant.num_threads))
     engine = LLMEngine(config)
     if hasattr(torch.ops.loraplex, "set_dynamic_split"):
@@ -96,13 +97,14 @@ def serve_measurements(variant: Variant) -> None:
 class Child:
     """One variant's process, and the protocol to ask it for a measurement."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, num_kv_blocks: int | None = None) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
         if VARIANTS[name].spin_count is not None:
             env["GOMP_SPINCOUNT"] = str(VARIANTS[name].spin_count)
         env.setdefault("HF_HUB_OFFLINE", "1")
+        pool = [f"--num-kv-blocks={num_kv_blocks}"] if num_kv_blocks else []
         self.process = subprocess.Popen(
-            [sys.executable, __file__, "--child", name],
+            [sys.executable, __file__, "--child", name, *pool],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -170,7 +172,7 @@ def summarise(rows: list[dict], names: list[str]) -> dict:
 def run(args: argparse.Namespace) -> dict:
     from engine_throughput import cpu_model, source_revision
 
-    children = {name: Child(name) for name in args.variants}
+    children = {name: Child(name, args.num_kv_blocks) for name in args.variants}
     rows: list[dict] = []
     try:
         for child in children.values():  # warm-up: the first request's one-off costs
@@ -197,6 +199,7 @@ def run(args: argparse.Namespace) -> dict:
             "tokens": args.tokens,
             "rounds": args.rounds,
             "hog": "yes > /dev/null",
+            "num_kv_blocks": args.num_kv_blocks,
         },
         "rows": rows,
         "summary": summary,
@@ -205,7 +208,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 round of 3 tokens")
+    parser.add_argument("--quick", action="store_true", help="1 round of 3 tokens, KV pools of 32 blocks")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument(
@@ -215,6 +218,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated, of {', '.join(VARIANTS)}",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--num-kv-blocks", type=int, help="limits.num_kv_blocks of every variant (default: the config's)"
+    )
     parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     unknown = set(args.variants) - set(VARIANTS)
@@ -222,13 +228,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown variant(s) {', '.join(sorted(unknown))}; use {', '.join(VARIANTS)}")
     if args.quick:
         args.tokens, args.rounds = 3, 1
+        args.num_kv_blocks = args.num_kv_blocks or 32  # each variant's engine allocates its whole pool at start
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.child:
-        serve_measurements(VARIANTS[args.child])
+        serve_measurements(VARIANTS[args.child], args.num_kv_blocks)
         return {}
     report = run(args)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -79,7 +79,9 @@ VARIANTS = {
 
 def run(args: argparse.Namespace) -> dict:
     transformers.logging.set_verbosity_error()
-    config = load_config()
+    from engine_throughput import cpu_model, source_revision, with_kv_pool
+
+    config = with_kv_pool(load_config(), args.num_kv_blocks)
     config.model.num_threads = args.threads
     torch.set_num_threads(args.threads)
     engines = {
@@ -118,8 +120,6 @@ def run(args: argparse.Namespace) -> dict:
             for r in rows
         ]
     )
-    from engine_throughput import cpu_model, source_revision
-
     return {
         "benchmark": "decode_step",
         "machine": {
@@ -130,7 +130,12 @@ def run(args: argparse.Namespace) -> dict:
         },
         "source": source_revision(),
         "variants": VARIANTS,
-        "settings": {"prompt_len": PROMPT_LEN, "steps": args.steps, "rounds": args.rounds},
+        "settings": {
+            "prompt_len": PROMPT_LEN,
+            "steps": args.steps,
+            "rounds": args.rounds,
+            "num_kv_blocks": config.limits.num_kv_blocks,
+        },
         "rows": rows,
         "table": table,
     }
@@ -138,15 +143,19 @@ def run(args: argparse.Namespace) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="batches 1,3, 3 steps, 1 round")
+    parser.add_argument("--quick", action="store_true", help="batches 1,3, 3 steps, 1 round, KV pools of 32 blocks")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--num-kv-blocks", type=int, help="limits.num_kv_blocks of every engine (default: the config's)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     args.batches = [1, 3] if args.quick else [1, 2, 3, 4, 8, 16, 48]
     if args.quick:
         args.steps, args.rounds = 3, 1
+        args.num_kv_blocks = args.num_kv_blocks or 32  # 3 sequences of 64 + 5 tokens hold 15
     return args
 
 

@@ -284,6 +284,17 @@ def kv_blocks_needed(workload: list[BenchRequest], block_size: int) -> int:
     return sum(-(-(len(r.prompt_token_ids) + r.max_tokens) // block_size) for r in workload)
 
 
+def with_kv_pool(config: EngineConfig, num_kv_blocks: int | None) -> EngineConfig:
+    """``config`` with a KV pool of ``num_kv_blocks``, ``max_model_len`` cut to fit it; unchanged for None or 0.
+    For small runs: an engine allocates and zeroes its whole pool as it starts (the default's is 755 MB)."""
+    if not num_kv_blocks:
+        return config
+    limits = config.limits
+    max_model_len = min(limits.max_model_len, num_kv_blocks * limits.block_size)
+    limits = dataclasses.replace(limits, num_kv_blocks=num_kv_blocks, max_model_len=max_model_len)
+    return dataclasses.replace(config, limits=limits)
+
+
 # ---- one system's run ------------------------------------------------------------------------------------------
 
 
@@ -574,9 +585,13 @@ def run_copies(
 
 
 def run_kv_pool_sweep(
-    config: EngineConfig, workload: list[BenchRequest], warm: list[BenchRequest], reference: SystemResult
+    config: EngineConfig,
+    workload: list[BenchRequest],
+    warm: list[BenchRequest],
+    reference: SystemResult,
+    fractions: tuple[float, ...] = KV_POOL_FRACTIONS,
 ) -> list[dict]:
-    """loraplex with KV pools sized to ``KV_POOL_FRACTIONS`` of the workload's need (``kv_blocks_needed``).
+    """loraplex with KV pools sized to ``fractions`` of the workload's need (``kv_blocks_needed``).
 
     The pool is what the one-copy engine holds beyond the model: K/V for every request in flight. A smaller pool
     admits fewer requests at once (and preempts when it runs dry), which lowers resident memory and throughput
@@ -586,7 +601,7 @@ def run_kv_pool_sweep(
     limits = config.limits
     longest = max(len(r.prompt_token_ids) + r.max_tokens for r in workload)
     points = []
-    for fraction in KV_POOL_FRACTIONS:
+    for fraction in fractions:
         blocks = max(-(-longest // limits.block_size), round(fraction * kv_blocks_needed(workload, limits.block_size)))
         max_model_len = min(limits.max_model_len, blocks * limits.block_size)
         sized = dataclasses.replace(
@@ -790,6 +805,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-requests", type=int, help="override the workload's request count")
     parser.add_argument("--output-len", type=int, help="every request generates exactly this many tokens")
     parser.add_argument("--num-kv-blocks", type=int, help="override limits.num_kv_blocks (KV pool size) of the engine")
+    parser.add_argument(
+        "--kv-fractions",
+        type=lambda s: tuple(float(f) for f in s.split(",")),
+        default=KV_POOL_FRACTIONS,
+        help="comma-separated pool sizes of kv-sweep, as fractions of the workload's need (default "
+        f"{','.join(f'{f:g}' for f in KV_POOL_FRACTIONS)}); each is one more engine",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", help="engine TOML config (default: the shipped one)")
     args = parser.parse_args(argv)
@@ -905,7 +927,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         description = f"loraplex with model.{setting} = false"
         results[name], memory[name] = run_in_fresh_engine(changed, workload, warm, name, description)
 
-    kv_points = [] if "kv-sweep" in args.skip else run_kv_pool_sweep(config, workload, warm, results["loraplex"])
+    kv_points = []
+    if "kv-sweep" not in args.skip:
+        kv_points = run_kv_pool_sweep(config, workload, warm, results["loraplex"], args.kv_fractions)
 
     # (a) and (b): one base with the three adapters loaded into PEFT.
     if {"peft-sequential", "peft-batched"} - args.skip:

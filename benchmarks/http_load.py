@@ -29,7 +29,7 @@ old design's overall p99 latency passes 10 s, loraplex's p99 stays under a third
 
     python benchmarks/http_load.py                                    # the full sweep, results in benchmarks/results/
     python benchmarks/http_load.py --rates 0.5,1,2,3 --num-requests 40
-    python benchmarks/http_load.py --quick --out /tmp/http_load       # 1 rate, 6 short requests (CI smoke test)
+    python benchmarks/http_load.py --quick --out /tmp/http_load       # 1 rate, 6 short requests, small KV pools (CI)
 
 writes ``http_load.json``, ``http_load.md`` (the table and the target) and ``http_load.png`` (latency p50 and
 p99 against arrival rate, one line per endpoint, one panel per system).
@@ -251,6 +251,15 @@ class Servers:
         return {name: f"http://127.0.0.1:{port}" for port, names in served for name in names}
 
     def start(self) -> None:
+        self.launch()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        for process, port, log in zip(self.processes, self.deployment.ports, self.logs, strict=True):
+            wait_ready(process, f"http://127.0.0.1:{port}", log, deadline)
+
+    def launch(self) -> None:
+        """Start the processes without waiting for them (``start`` waits); once."""
+        if self.processes:
+            return
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         for i, toml in enumerate(self.deployment.configs):
             path = self.folder / f"{self.deployment.name}-{i}.toml"
@@ -261,9 +270,6 @@ class Servers:
                 self.processes.append(
                     subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
                 )
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        for process, port, log in zip(self.processes, self.deployment.ports, self.logs, strict=True):
-            wait_ready(process, f"http://127.0.0.1:{port}", log, deadline)
 
     def stop(self) -> None:
         for process in self.processes:
@@ -555,6 +561,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--loraplex-threads", type=int, default=2, help="model.num_threads of the loraplex server")
     parser.add_argument("--old-threads", type=int, default=1, help="model.num_threads of each old-design server")
     parser.add_argument("--timeout", type=float, default=600.0, help="client timeout per request, seconds")
+    parser.add_argument(
+        "--num-kv-blocks",
+        type=int,
+        help="limits.num_kv_blocks of the loraplex server, max_model_len cut to fit; the old design's servers "
+        "hold one sequence of that length (default: the config's; --quick: 32)",
+    )
+    parser.add_argument(
+        "--start-together",
+        action="store_true",
+        help="start every system's servers at once, so the later ones load during the first one's run (their "
+        "start-up then shares the cores with its requests: for smoke runs, not timings; --quick sets it)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON, markdown and plot")
     args = parser.parse_args(argv)
@@ -577,6 +595,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         lengths[name] = (int(low), int(high))
     num_requests = args.num_requests or spec.num_requests
     args.spec = LoadSpec(num_requests, lengths["prompt_len"], lengths["output_len"], rates, args.seed)
+    if args.quick:  # every server allocates its whole pool as it starts; 6 short requests hold 12 blocks
+        args.num_kv_blocks = args.num_kv_blocks or 32
+        args.start_together = True
     return args
 
 
@@ -584,29 +605,28 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def run_system(deployment: Deployment, workload: list[LoadRequest], args: argparse.Namespace) -> dict:
-    """Start the deployment, warm it up, run every rate, and stop it whatever happens."""
-    with tempfile.TemporaryDirectory(prefix=f"http-load-{deployment.name}-") as folder:
-        servers = Servers(deployment, Path(folder))
-        try:
-            log(f"{deployment.name}: starting {len(deployment.configs)} server process(es)")
-            started = time.perf_counter()
-            servers.start()
-            log(f"{deployment.name}: ready in {time.perf_counter() - started:.1f} s")
-            urls = servers.urls()
-            asyncio.run(warm_up(urls, workload[0], args.seed, args.timeout))
-            reports = []
-            for rate in args.spec.rates:
-                label = f"{deployment.name} @ {rate:g} req/s"
-                outcomes, wall = asyncio.run(run_rate(urls, workload, rate, args.seed, args.timeout, label))
-                reports.append(rate_report(outcomes, wall, rate))
-                overall = reports[-1]["overall"]
-                log(
-                    f"{label}: {overall['completed']}/{overall['requests']} done, errors {overall['errors'] or 0}, "
-                    f"p50 {fmt(overall['latency_s']['p50'])} s, p99 {fmt(overall['latency_s']['p99'])} s"
-                )
-        finally:
-            servers.stop()
+def run_system(servers: Servers, workload: list[LoadRequest], args: argparse.Namespace) -> dict:
+    """Start the deployment (unless launched already), warm it up, run every rate, and stop it whatever happens."""
+    deployment = servers.deployment
+    try:
+        log(f"{deployment.name}: starting {len(deployment.configs)} server process(es)")
+        started = time.perf_counter()
+        servers.start()
+        log(f"{deployment.name}: ready in {time.perf_counter() - started:.1f} s")
+        urls = servers.urls()
+        asyncio.run(warm_up(urls, workload[0], args.seed, args.timeout))
+        reports = []
+        for rate in args.spec.rates:
+            label = f"{deployment.name} @ {rate:g} req/s"
+            outcomes, wall = asyncio.run(run_rate(urls, workload, rate, args.seed, args.timeout, label))
+            reports.append(rate_report(outcomes, wall, rate))
+            overall = reports[-1]["overall"]
+            log(
+                f"{label}: {overall['completed']}/{overall['requests']} done, errors {overall['errors'] or 0}, "
+                f"p50 {fmt(overall['latency_s']['p50'])} s, p99 {fmt(overall['latency_s']['p99'])} s"
+            )
+    finally:
+        servers.stop()
     return {
         "description": deployment.description,
         "processes": len(deployment.configs),
@@ -623,7 +643,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     started = time.perf_counter()
     machine = machine_description()
-    config = load_config()
+    config = et.with_kv_pool(load_config(), args.num_kv_blocks)
     model_dir, model_name, _ = resolve_model_dir(config.model)
     popularity = SKEWED if args.popularity == "skewed" else UNIFORM
     workload = make_workload(AutoTokenizer.from_pretrained(model_dir), args.spec, popularity)
@@ -633,7 +653,16 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "loraplex": lambda: loraplex_deployment(config, args.loraplex_threads, request_timeout),
         "old-design": lambda: old_deployment(config, args.old_threads, request_timeout),
     }
-    systems = {name: run_system(deployments[name](), workload, args) for name in args.systems}
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for name in args.systems:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"http-load-{name}-"))
+            servers[name] = Servers(deployments[name](), Path(folder))
+            stack.callback(servers[name].stop)
+        if args.start_together:  # the later systems load while the first is measured: not for timings
+            for system in servers.values():
+                system.launch()
+        systems = {name: run_system(system, workload, args) for name, system in servers.items()}
     report = {
         "benchmark": "http_load",
         "machine": machine,
@@ -643,6 +672,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "rates": list(args.spec.rates),
             "num_requests_per_rate": args.spec.num_requests,
             "client_timeout_s": args.timeout,
+            "servers_started_together": args.start_together,
             "threads": {"loraplex": args.loraplex_threads, "old-design per process": args.old_threads},
             "threads_note": f"{os.cpu_count()} logical cores: loraplex gets them all in one process; the old design "
             "splits them among its 4 processes",

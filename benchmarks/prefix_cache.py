@@ -2,10 +2,10 @@
 
 A chat client resends the whole conversation every turn. Here each of ``--conversations`` conversations (one
 per endpoint in turn) starts from a ``--context``-token document and gains a ``--turn-len``-token message per
-turn; each turn is one request (16 greedy tokens) sent after the previous one finished. Two engines in one
-process, ``limits.prefix_caching`` true and false, take every turn in alternation, so machine drift hits both
-alike; they must produce the same tokens. Reported: the median time to first token per engine, their ratio,
-and the share of prompt tokens the cache supplied.
+turn; each turn is one request (``--new-tokens`` greedy tokens, default 16) sent after the previous one
+finished. Two engines in one process, ``limits.prefix_caching`` true and false, take every turn in
+alternation, so machine drift hits both alike; they must produce the same tokens. Reported: the median time to
+first token per engine, their ratio, and the share of prompt tokens the cache supplied.
 
     python benchmarks/prefix_cache.py                 # results in benchmarks/results/
     python benchmarks/prefix_cache.py --quick --out /tmp/prefix_cache
@@ -31,14 +31,13 @@ for path in (ROOT, ROOT / "benchmarks"):  # run as a script from anywhere; engin
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from engine_throughput import cpu_model, source_revision, source_token_pool  # noqa: E402
+from engine_throughput import cpu_model, source_revision, source_token_pool, with_kv_pool  # noqa: E402
 
 from loraplex.engine.core.config import load_config  # noqa: E402
 from loraplex.engine.core.engine import LLMEngine  # noqa: E402
 from loraplex.engine.core.sequence import Request, SamplingParams  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
-NEW_TOKENS = 16
 
 
 def conversations(engine: LLMEngine, args: argparse.Namespace) -> list[tuple[str, list[list[int]]]]:
@@ -53,9 +52,11 @@ def conversations(engine: LLMEngine, args: argparse.Namespace) -> list[tuple[str
     return out
 
 
-def ask(engine: LLMEngine, request_id: str, endpoint: str, prompt: list[int]) -> tuple[float, list[int]]:
+def ask(
+    engine: LLMEngine, request_id: str, endpoint: str, prompt: list[int], new_tokens: int
+) -> tuple[float, list[int]]:
     """(time to first token, tokens) of one request alone."""
-    request = Request(request_id, endpoint, list(prompt), SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+    request = Request(request_id, endpoint, list(prompt), SamplingParams(max_tokens=new_tokens, ignore_eos=True))
     start = time.monotonic()
     outputs = engine.generate([request])[request_id]
     return outputs[-1].prefill_done_time - start, [t for o in outputs for t in o.new_token_ids]
@@ -64,7 +65,7 @@ def ask(engine: LLMEngine, request_id: str, endpoint: str, prompt: list[int]) ->
 def run(args: argparse.Namespace) -> dict:
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
-    config = load_config()
+    config = with_kv_pool(load_config(), args.num_kv_blocks)
     engines = {
         name: LLMEngine(dataclasses.replace(config, limits=dataclasses.replace(config.limits, prefix_caching=on)))
         for name, on in (("cached", True), ("uncached", False))
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> dict:
         for t, prompt in enumerate(turns):
             tokens = {}
             for name, engine in engines.items() if t % 2 == 0 else reversed(engines.items()):
-                seconds, tokens[name] = ask(engine, f"c{c}-t{t}", endpoint, prompt)
+                seconds, tokens[name] = ask(engine, f"c{c}-t{t}", endpoint, prompt, args.new_tokens)
                 if t > 0:  # the first turn has nothing to reuse
                     ttft[name].append(seconds)
             if tokens["cached"] != tokens["uncached"]:
@@ -107,16 +108,26 @@ def run(args: argparse.Namespace) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 conversations of 3 short turns")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 conversations of 3 short turns, 4 new tokens each, KV pools of 32 blocks",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--conversations", type=int, default=4)
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--context", type=int, default=600, help="tokens of the document each starts from")
     parser.add_argument("--turn-len", type=int, default=40, help="tokens each turn adds")
+    parser.add_argument("--new-tokens", type=int, default=16, help="greedy tokens each turn asks for")
+    parser.add_argument(
+        "--num-kv-blocks", type=int, help="limits.num_kv_blocks of both engines (default: the config's)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     if args.quick:
-        args.conversations, args.turns, args.context, args.turn_len = 2, 3, 48, 20
+        # one block of context and one per turn: turns 2 and 3 find all but their last block in the cache
+        args.conversations, args.turns, args.context, args.turn_len, args.new_tokens = 2, 3, 16, 16, 4
+        args.num_kv_blocks = args.num_kv_blocks or 32
     return args
 
 

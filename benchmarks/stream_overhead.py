@@ -18,6 +18,7 @@ meanwhile, so machine drift hits both alike. Per round it records:
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import itertools
 import json
@@ -38,7 +39,7 @@ for path in (ROOT, ROOT / "benchmarks"):  # run as a script from anywhere; http_
 import httpx  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from engine_throughput import cpu_model, source_revision  # noqa: E402
+from engine_throughput import cpu_model, source_revision, with_kv_pool  # noqa: E402
 from http_load import Servers, loraplex_deployment  # noqa: E402
 
 from loraplex.engine.core.config import load_config  # noqa: E402
@@ -90,14 +91,16 @@ def run(args: argparse.Namespace) -> dict:
     config = load_config()
     # as the server's deployment: the same prompt every round must be computed again, not reused
     config = dataclasses.replace(config, limits=dataclasses.replace(config.limits, prefix_caching=False))
+    config = with_kv_pool(config, args.num_kv_blocks)  # the server's too
     torch.set_num_threads(args.threads)
-    engine = LLMEngine(config)
-    prompt_ids = engine.encode_prompt(PROMPT)
     rows = []
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, concurrent.futures.ThreadPoolExecutor(1) as starter:
         servers = Servers(loraplex_deployment(config, args.threads, request_timeout=600.0), Path(folder))
+        started = starter.submit(servers.start)  # the server loads in its process while this one loads
         try:
-            servers.start()
+            engine = LLMEngine(config)
+            prompt_ids = engine.encode_prompt(PROMPT)
+            started.result()
             url = servers.urls()[ENDPOINT]
             server_seconds(url, 4)  # warm-up: first-request costs are not per-token costs
             engine_step_seconds(engine, prompt_ids, 4, "warm-up")
@@ -114,6 +117,7 @@ def run(args: argparse.Namespace) -> dict:
                 )
                 print(f"round {round_index + 1} of {args.rounds}: {rows[-1]}", flush=True)
         finally:
+            concurrent.futures.wait([started])  # every process it starts, started before they are stopped
             servers.stop()
     medians = {key: statistics.median(r[key] for r in rows) for key in ("engine_ms", "server_step_ms", "client_gap_ms")}
     summary = {
@@ -136,7 +140,13 @@ def run(args: argparse.Namespace) -> dict:
         "benchmark": "stream_overhead",
         "machine": {"cpu_model": cpu_model(), "logical_cores": os.cpu_count(), "torch": torch.__version__},
         "source": source_revision(),
-        "settings": {"endpoint": ENDPOINT, "tokens": args.tokens, "rounds": args.rounds, "threads": args.threads},
+        "settings": {
+            "endpoint": ENDPOINT,
+            "tokens": args.tokens,
+            "rounds": args.rounds,
+            "threads": args.threads,
+            "num_kv_blocks": config.limits.num_kv_blocks,
+        },
         "rows": rows,
         "summary": summary,
         "table": table,
@@ -145,14 +155,18 @@ def run(args: argparse.Namespace) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 rounds of 6 tokens")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 6 tokens, KV pools of 32 blocks")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument(
+        "--num-kv-blocks", type=int, help="limits.num_kv_blocks of the engine and the server (default: the config's)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     if args.quick:
         args.tokens, args.rounds = 6, 2
+        args.num_kv_blocks = args.num_kv_blocks or 32
     return args
 
 

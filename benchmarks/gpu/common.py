@@ -46,6 +46,7 @@ class Plan:
     profile_batch: int
     peft_probe_tokens: int
     budgets: dict[str, float]
+    timing: tuple[int, int] = (3, 20)  # warm-up and timed calls of each op in the lora_op and attention stages
 
 
 def log(message: str) -> None:
@@ -82,8 +83,10 @@ def time_op(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep
 
 
 def reset_peak(device: torch.device) -> None:
-    gc.collect()
+    """Start the next peak of GPU memory from what is live now; on other devices nothing (memory is not
+    reported there, and a full collection in a large process takes a quarter of a second)."""
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 

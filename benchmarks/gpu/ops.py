@@ -66,10 +66,10 @@ def stage_lora_op(plan: Plan, device: torch.device, dtype: torch.dtype, budget: 
                     "gathered": partial(lora_gathered, x, lora_a, lora_b, indices),
                 }
                 row = {"module": module, "shape": [fan_in, fan_out], "tokens": tokens, "popularity": pop_name}
-                row["base_matmul_ms"] = round(time_op(partial(torch.matmul, x, weight.T), device), 4)
+                row["base_matmul_ms"] = round(time_op(partial(torch.matmul, x, weight.T), device, *plan.timing), 4)
                 for name, fn in impls.items():
                     row[f"{name}_rel_err"] = relative_error(fn(), ref)
-                    row[f"{name}_ms"] = round(time_op(fn, device), 4)
+                    row[f"{name}_ms"] = round(time_op(fn, device, *plan.timing), 4)
                     row[f"{name}_overhead"] = round(row[f"{name}_ms"] / row["base_matmul_ms"], 4)
                 if tokens <= 128:
                     loop = lora_reference(x.float(), lora_a.float(), lora_b.float(), indices)
@@ -143,7 +143,7 @@ def stage_attention(plan: Plan, device: torch.device, dtype: torch.dtype, budget
         "heads": heads,
         "kv_heads": kv_heads,
         "head_dim": head_dim,
-        "gather_ms": round(time_op(gather, device), 4),
+        "gather_ms": round(time_op(gather, device, *plan.timing), 4),
         "kv_bytes_per_layer_mb": round(2 * int(lengths.sum()) * kv_heads * head_dim * dtype.itemsize / 1e6, 2),
     }
     variants: dict[str, dict] = {}
@@ -171,7 +171,10 @@ def stage_attention(plan: Plan, device: torch.device, dtype: torch.dtype, budget
                     ctx = sdpa_kernel([backend])
                 with ctx:
                     out = fn()
-                    variants[key] = {"ms": round(time_op(fn, device), 4), "rel_err": relative_error(out, ref)}
+                    variants[key] = {
+                        "ms": round(time_op(fn, device, *plan.timing), 4),
+                        "rel_err": relative_error(out, ref),
+                    }
             except RuntimeError as e:
                 variants[key] = {"error": str(e).splitlines()[0][:200]}
     # The engine's CUDA kernel, reading the cache in place; on the CPU in float32 when Triton's interpreter is on
@@ -188,7 +191,7 @@ def stage_attention(plan: Plan, device: torch.device, dtype: torch.dtype, budget
         try:
             got = paged_triton()
             variants["paged_triton"] = {
-                "ms": round(time_op(paged_triton, device), 4),
+                "ms": round(time_op(paged_triton, device, *plan.timing), 4),
                 "rel_err": relative_error(got, ref),
             }
         except Exception as e:  # the SDPA variants still tell their story
@@ -202,8 +205,8 @@ def stage_attention(plan: Plan, device: torch.device, dtype: torch.dtype, budget
         try:
             result["rms_norm"] = {
                 "rows": batch,
-                "torch_ms": round(time_op(lambda: norm(rows), device), 4),
-                "triton_ms": round(time_op(lambda: fused(rows), device), 4),
+                "torch_ms": round(time_op(lambda: norm(rows), device, *plan.timing), 4),
+                "triton_ms": round(time_op(lambda: fused(rows), device, *plan.timing), 4),
                 "rel_err": relative_error(fused(rows), norm(rows)),
             }
         except Exception as e:  # the attention numbers still stand
