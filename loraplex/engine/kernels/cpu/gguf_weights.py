@@ -22,6 +22,7 @@ up and rebuilds its rows, and ``loraplex::row_major_linear_q8`` gives the LM hea
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -141,10 +142,19 @@ def unpack_q8_blocks(raw: np.ndarray) -> Q8Rows:
 
 def read_gguf_weights(gguf_path: Path, model: nn.Module) -> tuple[dict[nn.Module, Q4Panels], Q8Rows | None]:
     """What of ``model`` (loaded from ``gguf_path``) can stay in the file's blocks: projections, embeddings."""
+    stat = gguf_path.stat()
+    tensors = _gguf_tensors(str(gguf_path), stat.st_size, stat.st_mtime_ns)
+    return read_q4_projections(tensors, model), read_q8_tied_embeddings(tensors, model)
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_tensors(path: str, size: int, mtime_ns: int) -> list:
+    """A GGUF file's tensors, their data read-only views of the mapped file. Kept per process, keyed by the file's
+    size and time too: reading the header parses the whole vocabulary (about 5 s of an engine's 7 s start for the
+    default model), and tests and benchmarks build many engines on one file."""
     from gguf import GGUFReader
 
-    tensors = GGUFReader(gguf_path).tensors
-    return read_q4_projections(tensors, model), read_q8_tied_embeddings(tensors, model)
+    return GGUFReader(path).tensors
 
 
 def read_q8_tied_embeddings(tensors: list, model: nn.Module) -> Q8Rows | None:
