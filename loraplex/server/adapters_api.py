@@ -18,14 +18,14 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from loraplex.engine.core.config import EndpointConfig
 from loraplex.engine.core.engine import LLMEngine
 from loraplex.engine.core.errors import AdapterError, UnknownEndpointError
 from loraplex.engine.lora.config import LoRAAdapter
 from loraplex.server.errors import APIError
-from loraplex.server.schemas import parse_body
+from loraplex.server.schemas import RequestBody, parse_body
 from loraplex.server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -40,16 +40,12 @@ class RuntimeEndpoint(EndpointConfig):
     """An endpoint added at run time; unloading it removes it from the configuration again."""
 
 
-class LoadLoRARequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class LoadLoRARequest(RequestBody):
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
 
 
-class UnloadLoRARequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class UnloadLoRARequest(RequestBody):
     lora_name: str = Field(min_length=1)
 
 

@@ -32,7 +32,7 @@ from loraplex.server.generation import context_limit
 from loraplex.server.model_store import StoredModel
 from loraplex.server.modelfile import ModelfileError, ModelSpec, parse_modelfile, spec_from_fields
 from loraplex.server.ollama_params import sampling_params
-from loraplex.server.schemas import parse_body
+from loraplex.server.schemas import RequestBody, parse_body
 from loraplex.server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -64,16 +64,12 @@ class OllamaCreateRequest(BaseModel):
     path: Any = None  # the pre-0.5 path of a Modelfile on the server's disk
 
 
-class OllamaCopyRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class OllamaCopyRequest(RequestBody):
     source: str = Field(min_length=1)
     destination: str = Field(min_length=1)
 
 
-class OllamaDeleteRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class OllamaDeleteRequest(RequestBody):
     model: str | None = None
     name: str | None = None
 

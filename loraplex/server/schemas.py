@@ -18,7 +18,7 @@ from loraplex.server.errors import APIError, describe_validation
 Model = TypeVar("Model", bound=BaseModel)
 
 
-class _Body(BaseModel):
+class RequestBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
@@ -44,7 +44,7 @@ class OllamaOptions(BaseModel):
     num_ctx: int | None = Field(default=None, ge=1)
 
 
-class OllamaMessage(_Body):
+class OllamaMessage(RequestBody):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[Any] | None = None
@@ -52,7 +52,7 @@ class OllamaMessage(_Body):
     tool_name: str | None = None  # a tool turn: the tool that answered
 
 
-class _OllamaGenerateBase(_Body):
+class _OllamaGenerateBase(RequestBody):
     model: str = Field(min_length=1)
     format: Any = None
     options: OllamaOptions | None = None
@@ -79,7 +79,7 @@ class OllamaChatRequest(_OllamaGenerateBase):
     tool_choice: Any = None  # loraplex's extension, as OpenAI's: Ollama itself always lets the model choose (auto)
 
 
-class OllamaEmbedRequest(_Body):
+class OllamaEmbedRequest(RequestBody):
     model: str = Field(min_length=1)
     input: str | list[str]
     truncate: bool = True
@@ -88,20 +88,20 @@ class OllamaEmbedRequest(_Body):
     keep_alive: float | str | None = None
 
 
-class OllamaEmbeddingsRequest(_Body):
+class OllamaEmbeddingsRequest(RequestBody):
     model: str = Field(min_length=1)
     prompt: str = ""
     options: OllamaOptions | None = None
     keep_alive: float | str | None = None
 
 
-class OllamaShowRequest(_Body):
+class OllamaShowRequest(RequestBody):
     model: str | None = None
     name: str | None = None  # the pre-0.5 field name; still sent by older clients
     verbose: bool = False
 
 
-class OllamaPullRequest(_Body):
+class OllamaPullRequest(RequestBody):
     model: str | None = None
     name: str | None = None  # the pre-0.5 field name
     insecure: bool = False
@@ -111,16 +111,16 @@ class OllamaPullRequest(_Body):
 # ---- OpenAI ---------------------------------------------------------------------------------------------
 
 
-class StreamOptions(_Body):
+class StreamOptions(RequestBody):
     include_usage: bool = False
 
 
-class ContentPart(_Body):
+class ContentPart(RequestBody):
     type: str
     text: str | None = None
 
 
-class OpenAIMessage(_Body):
+class OpenAIMessage(RequestBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -128,7 +128,7 @@ class OpenAIMessage(_Body):
     tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
-class _OpenAISampling(_Body):
+class _OpenAISampling(RequestBody):
     model: str = Field(min_length=1)
     max_tokens: int | None = None
     temperature: float | None = Field(default=None, le=2)
