@@ -106,9 +106,10 @@ def test_sampled_json_is_still_valid(server: ServerProcess) -> None:
         n=3,
         seed=7,
     )
-    for choice in answer.choices:
-        if choice.finish_reason == "stop":
-            City.model_validate_json(choice.message.content)
+    finished = [choice for choice in answer.choices if choice.finish_reason == "stop"]
+    assert finished, "no sampled answer closed its JSON within max_tokens"
+    for choice in finished:
+        City.model_validate_json(choice.message.content)
 
 
 BAD = [
