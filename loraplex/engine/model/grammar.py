@@ -13,18 +13,29 @@ whitespace allowed, a small model can fill its whole budget with newlines and ne
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-import xgrammar as xgr
 from transformers import PreTrainedTokenizerBase
 
 from loraplex.engine.core.errors import RequestError
 from loraplex.engine.core.sequence import Guide, GuideKind
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
+
+
+def _xgr():
+    """xgrammar, imported on the first guide: it pulls in triton, which a server that never sees a guide
+    should not load."""
+    return importlib.import_module("xgrammar")
+
 
 # xgrammar's errors start with a timestamp and the C++ file and line; the user needs only the reason.
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
@@ -40,7 +51,7 @@ class Masks:
 
     def apply(self, logits: torch.Tensor) -> None:
         """In place: -inf on each constrained row's tokens the grammar does not allow next."""
-        xgr.apply_token_bitmask_inplace(logits, self.bitmask.to(logits.device), indices=self.rows)
+        _xgr().apply_token_bitmask_inplace(logits, self.bitmask.to(logits.device), indices=self.rows)
 
 
 class Grammars:
@@ -59,10 +70,10 @@ class Grammars:
     def compiler(self) -> xgr.GrammarCompiler:
         with self._lock:
             if self._compiler is None:
-                info = xgr.TokenizerInfo.from_huggingface(
+                info = _xgr().TokenizerInfo.from_huggingface(
                     self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids
                 )
-                self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+                self._compiler = _xgr().GrammarCompiler(info, max_threads=1)
             return self._compiler
 
     def compile(self, guide: Guide) -> xgr.CompiledGrammar:
@@ -88,7 +99,7 @@ class Grammars:
         return compiler.compile_structural_tag(spec)
 
     def matcher(self, grammar: xgr.CompiledGrammar) -> xgr.GrammarMatcher:
-        return xgr.GrammarMatcher(grammar)
+        return _xgr().GrammarMatcher(grammar)
 
     def fill_async(self, matchers: list[xgr.GrammarMatcher | None]) -> Future[Masks] | None:
         """The masks of the rows whose matcher is not None, filled on the worker thread; None if there are none."""
@@ -100,7 +111,7 @@ class Grammars:
         return self._filler.submit(self._fill, matchers, rows)
 
     def _fill(self, matchers: list[xgr.GrammarMatcher | None], rows: list[int]) -> Masks:
-        bitmask = xgr.allocate_token_bitmask(len(matchers), self.vocab_size)
+        bitmask = _xgr().allocate_token_bitmask(len(matchers), self.vocab_size)
         for row in rows:
             matchers[row].fill_next_token_bitmask(bitmask, row)
         return Masks(bitmask, rows)
