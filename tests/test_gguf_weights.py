@@ -74,6 +74,7 @@ def panel_weight(panels: Q4Panels) -> torch.Tensor:
     ("rows", "in_features", "out_features"),
     # one tile of each height, even tiles, several row blocks; 288 and 1536 features: a partial 256-deep
     # slice and six full ones; 37 and 200 outputs: a partial last panel
+    # (up to 6 rows: the kernel's few-row path, its weights rebuilt in registers; more: through a rebuilt slice)
     [(1, 576, 1536), (2, 576, 192), (3, 1536, 576), (4, 32, 48), (5, 288, 37), (6, 576, 576), (7, 576, 200),
      (13, 64, 1000), (97, 288, 37), (200, 576, 48)],
 )  # fmt: skip

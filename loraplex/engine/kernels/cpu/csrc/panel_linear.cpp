@@ -14,7 +14,9 @@
 // panel_linear_q4 takes a projection kept in a GGUF file's 4-bit blocks (kernels/cpu/gguf_weights.py): it rebuilds
 // each 256-deep slice of a panel in float32 in an L1 buffer, exactly the values gguf's dequantization gives,
 // and runs the same tile code over it, so its outputs equal panel_linear's on the dequantized weight to the
-// bit while it reads 6 bits a weight from memory instead of 32.
+// bit while it reads 6 bits a weight from memory instead of 32. Up to 6 rows (one tile: a decode step of a few
+// sequences) it rebuilds the weights in registers as the tile's k loop reaches them instead (q4_tile), with the
+// same values and the same fused multiply-adds in the same order, so the same bits.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -41,9 +43,35 @@ constexpr int64_t kRowBlock = 96;   // rows per block handed to one thread: thei
 // rebuild it less often in a prefill step
 constexpr int64_t kRowBlockQ4 = 384;
 
+using loraplex::broadcast8;
 using loraplex::f8;
+using loraplex::fma8;
 using loraplex::load8;
 using loraplex::store8;
+
+// A tile's sums written to y, or added to it with ``accumulate``: the one store every tile shares.
+template <int Rows>
+inline void store_tile(const f8* lo, const f8* hi, float* y, int64_t ldy, int64_t cols, bool accumulate) {
+  if (cols == kCols) {
+#pragma GCC unroll 8
+    for (int i = 0; i < Rows; ++i) {
+      f8 out_lo = lo[i], out_hi = hi[i];
+      if (accumulate) {
+        out_lo += load8(y + i * ldy);
+        out_hi += load8(y + i * ldy + 8);
+      }
+      store8(y + i * ldy, out_lo);
+      store8(y + i * ldy + 8, out_hi);
+    }
+  } else {  // the last panel of a projection whose width is not a multiple of 16
+    for (int i = 0; i < Rows; ++i) {
+      alignas(32) float lanes[kCols];
+      store8(lanes, lo[i]);
+      store8(lanes + 8, hi[i]);
+      for (int64_t j = 0; j < cols; ++j) y[i * ldy + j] = accumulate ? y[i * ldy + j] + lanes[j] : lanes[j];
+    }
+  }
+}
 
 // rows x 16 tile over k in [0, depth): y (+)= x[rows, :depth] @ panel[:depth, 16]. With Prefetch, each k also
 // asks for the panel's cache line one slice further on (one k of a panel is 16 floats, one 64-byte line). Near
@@ -59,29 +87,12 @@ inline void tile(const float* x, int64_t ldx, const float* panel, int64_t depth,
     const f8 w_lo = load8(panel + k * kCols), w_hi = load8(panel + k * kCols + 8);
 #pragma GCC unroll 8
     for (int i = 0; i < Rows; ++i) {
-      const float xv = x[i * ldx + k];
-      lo[i] += xv * w_lo;
-      hi[i] += xv * w_hi;
+      const f8 xv = broadcast8(x[i * ldx + k]);
+      lo[i] = fma8(xv, w_lo, lo[i]);
+      hi[i] = fma8(xv, w_hi, hi[i]);
     }
   }
-  if (cols == kCols) {
-#pragma GCC unroll 8
-    for (int i = 0; i < Rows; ++i) {
-      if (accumulate) {
-        lo[i] += load8(y + i * ldy);
-        hi[i] += load8(y + i * ldy + 8);
-      }
-      store8(y + i * ldy, lo[i]);
-      store8(y + i * ldy + 8, hi[i]);
-    }
-  } else {  // the last panel of a projection whose width is not a multiple of 16
-    for (int i = 0; i < Rows; ++i) {
-      alignas(32) float lanes[kCols];
-      store8(lanes, lo[i]);
-      store8(lanes + 8, hi[i]);
-      for (int64_t j = 0; j < cols; ++j) y[i * ldy + j] = accumulate ? y[i * ldy + j] + lanes[j] : lanes[j];
-    }
-  }
+  store_tile<Rows>(lo, hi, y, ldy, cols, accumulate);
 }
 
 template <bool Prefetch>
@@ -240,6 +251,90 @@ void dequantize_slice(const uint8_t* __restrict__ codes, const float* __restrict
   }
 }
 
+// The same rebuild, eight columns at a time, into registers: the tile below uses it for steps of a few rows.
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef uint8_t u8x8 __attribute__((vector_size(8)));
+inline i32x8 widen8(const uint8_t* bytes) {
+#if defined(__AVX2__)
+  return (i32x8)_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
+#else
+  u8x8 v;
+  std::memcpy(&v, bytes, sizeof v);
+  return __builtin_convertvector(v, i32x8);
+#endif
+}
+inline f8 rebuild8(i32x8 codes, f8 scale, f8 minimum) { return scale * __builtin_convertvector(codes, f8) + minimum; }
+
+// rows x 16 tile over one slice of a 4-bit panel, its weights rebuilt in registers as the k loop reaches them.
+// With one tile of rows, rebuilding the slice into scratch and reading it back cost more than the arithmetic
+// (a decode step of one sequence was mostly that). The weights are the values dequantize_slice writes (scale *
+// code is exact, so the fused or separate add rounds the same), and each row's sums take the same fused
+// multiply-adds in the same k order as ``tile`` over the rebuilt slice, then the same store: the same bits, so a
+// row's result still does not depend on how many rows share its step.
+// Both tiles update their sums through fma8: -ffast-math paired this one's two k per code byte before adding
+// them (a different rounding) when the updates were written as plain arithmetic.
+template <int Rows>
+inline void q4_tile(const float* x, int64_t ldx, const uint8_t* codes, const float* scales, const float* minimums,
+                    int64_t depth, float* y, int64_t ldy, int64_t cols, bool accumulate) {
+  f8 lo[Rows], hi[Rows];
+#pragma GCC unroll 8
+  for (int i = 0; i < Rows; ++i) lo[i] = hi[i] = f8{};
+  for (int64_t b = 0; b < depth / kBlock; ++b) {
+    const f8 scale_lo = load8(scales + b * kCols), scale_hi = load8(scales + b * kCols + 8);
+    const f8 min_lo = load8(minimums + b * kCols), min_hi = load8(minimums + b * kCols + 8);
+    for (int64_t j = 0; j < kBlock / 2; ++j) {
+      const uint8_t* pair = codes + (b * kBlock / 2 + j) * kCols;  // one byte per column: the codes of two k
+      const i32x8 codes_lo = widen8(pair), codes_hi = widen8(pair + 8);
+      const int64_t k = b * kBlock + 2 * j;
+      const f8 even_lo = rebuild8(codes_lo & 0x0F, scale_lo, min_lo), even_hi = rebuild8(codes_hi & 0x0F, scale_hi, min_hi);
+#pragma GCC unroll 8
+      for (int i = 0; i < Rows; ++i) {
+        const f8 xv = broadcast8(x[i * ldx + k]);
+        lo[i] = fma8(xv, even_lo, lo[i]);
+        hi[i] = fma8(xv, even_hi, hi[i]);
+      }
+      const f8 odd_lo = rebuild8(codes_lo >> 4, scale_lo, min_lo), odd_hi = rebuild8(codes_hi >> 4, scale_hi, min_hi);
+#pragma GCC unroll 8
+      for (int i = 0; i < Rows; ++i) {
+        const f8 xv = broadcast8(x[i * ldx + k + 1]);
+        lo[i] = fma8(xv, odd_lo, lo[i]);
+        hi[i] = fma8(xv, odd_hi, hi[i]);
+      }
+    }
+  }
+  store_tile<Rows>(lo, hi, y, ldy, cols, accumulate);
+}
+
+// y = x @ W.T for at most one tile of rows (a decode step of up to 6 sequences), panel by panel with q4_tile.
+at::Tensor few_rows_q4(const at::Tensor& x, const uint8_t* cs, const float* ss, const float* ms, int64_t depth,
+                       int64_t panels, int64_t out_features) {
+  const int64_t rows = x.size(0);
+  at::Tensor y = at::empty({rows, out_features}, x.options());
+  const float* xs = x.data_ptr<float>();
+  float* ys = y.data_ptr<float>();
+  loraplex::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t cols = std::min(kCols, out_features - p * kCols);
+      for (int64_t k0 = 0; k0 < depth; k0 += kDepth) {
+        const int64_t slice_depth = std::min(kDepth, depth - k0), block0 = (p * depth + k0) / kBlock;
+        const uint8_t* codes = cs + (p * depth + k0) / 2 * kCols;
+        const float *scales = ss + block0 * kCols, *minimums = ms + block0 * kCols;
+        float* out = ys + p * kCols;
+        const bool accumulate = k0 > 0;
+        switch (rows) {
+          case 6: q4_tile<6>(xs + k0, depth, codes, scales, minimums, slice_depth, out, out_features, cols, accumulate); break;
+          case 5: q4_tile<5>(xs + k0, depth, codes, scales, minimums, slice_depth, out, out_features, cols, accumulate); break;
+          case 4: q4_tile<4>(xs + k0, depth, codes, scales, minimums, slice_depth, out, out_features, cols, accumulate); break;
+          case 3: q4_tile<3>(xs + k0, depth, codes, scales, minimums, slice_depth, out, out_features, cols, accumulate); break;
+          case 2: q4_tile<2>(xs + k0, depth, codes, scales, minimums, slice_depth, out, out_features, cols, accumulate); break;
+          default: q4_tile<1>(xs + k0, depth, codes, scales, minimums, slice_depth, out, out_features, cols, accumulate); break;
+        }
+      }
+    }
+  });
+  return y;
+}
+
 at::Tensor panel_linear_q4(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                            const at::Tensor& minimums, int64_t out_features) {
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 3 &&
@@ -255,6 +350,10 @@ at::Tensor panel_linear_q4(const at::Tensor& x, const at::Tensor& codes, const a
   const uint8_t* cs = codes.data_ptr<uint8_t>();
   const float* ss = scales.data_ptr<float>();
   const float* ms = minimums.data_ptr<float>();
+  if (x.size(0) >= 1 && x.size(0) <= 6 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 &&
+      x.size(1) == depth && out_features > (panels - 1) * kCols && out_features <= panels * kCols) {
+    return few_rows_q4(x, cs, ss, ms, depth, panels, out_features);
+  }
   // rows_over_panel's prefetch then points past the scratch: a hint, never a fault; the codes are read in order
   return over_panels("panel_linear_q4", x, depth, panels, out_features, kRowBlockQ4,
                      [&](int64_t p, int64_t k0, int64_t slice_depth, float* scratch) {

@@ -9,6 +9,9 @@
 
 #include <cstdint>
 #include <cstring>
+#if defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 namespace loraplex {
 
@@ -31,6 +34,18 @@ inline f8 load8_partial(const float* p, int64_t n) {
 
 // The first n (0..8) lanes of v, written to p.
 inline void store8_partial(float* p, f8 v, int64_t n) { std::memcpy(p, &v, n * sizeof(float)); }
+
+// acc + a * b, one rounding where the CPU has FMA. Named, so that -ffast-math's reassociation cannot pair two
+// consecutive updates of one sum (a different rounding) in one kernel and not in another that must agree with it.
+inline f8 fma8(f8 a, f8 b, f8 acc) {
+#if defined(__FMA__)
+  return (f8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)acc);
+#else
+  return acc + a * b;
+#endif
+}
+
+inline f8 broadcast8(float v) { return f8{} + v; }
 
 inline float lanes_sum(f8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
