@@ -34,6 +34,7 @@ from loraplex.engine.kernels.cpu.gguf_weights import (
     unpack_q8_blocks,
 )
 from loraplex.engine.kernels.cpu.linear import (
+    FusedPanels,
     PanelLinear,
     Q4PanelLinear,
     Q8Embedding,
@@ -90,6 +91,37 @@ def test_q4_panels_give_the_float32_panels_outputs_to_the_bit(
     assert torch.equal(q4, PanelLinear(linear)(x))
     torch.testing.assert_close(q4, linear(x), rtol=1e-4, atol=1e-4)
     assert Q4PanelLinear(linear, panels)(x[:0]).shape == (0, out_features)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 48])
+@pytest.mark.parametrize("four_bit", [True, False])
+def test_fused_projections_equal_each_projection_to_the_bit(kernels, rows: int, four_bit: bool) -> None:
+    """q/k/v-like projections (576, 192, 192 outputs) in one call give each one's outputs; the projections then
+    read views of the joined weights, and still give them on their own."""
+    projections = []
+    for seed, out_features in enumerate((576, 192, 192)):
+        panels = to_panels(*random_blocks(out_features, 288, seed=seed))
+        linear = nn.Linear(288, out_features, bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(panel_weight(panels))
+        projections.append(Q4PanelLinear(linear, panels) if four_bit else PanelLinear(linear))
+    x = torch.randn(rows, 288)
+    alone = [p(x) for p in projections]
+    assert FusedPanels.can_fuse(projections)
+    fused = FusedPanels(projections)
+    assert torch.equal(fused(x), torch.cat(alone, dim=1))
+    assert all(torch.equal(p(x), y) for p, y in zip(projections, alone, strict=True))
+    joined = getattr(fused, fused.packed_tensors[0]).untyped_storage().data_ptr()
+    assert all(getattr(p, p.packed_tensors[0]).untyped_storage().data_ptr() == joined for p in projections)
+
+
+def test_projections_of_different_kinds_or_widths_are_not_fused(kernels) -> None:
+    linear = nn.Linear(64, 48, bias=False)
+    panels = to_panels(*random_blocks(48, 64, seed=0))
+    assert not FusedPanels.can_fuse([Q4PanelLinear(linear, panels), PanelLinear(linear)])
+    assert not FusedPanels.can_fuse([PanelLinear(linear), PanelLinear(nn.Linear(32, 48, bias=False))])
+    assert not FusedPanels.can_fuse([PanelLinear(nn.Linear(64, 40, bias=False)), PanelLinear(linear)])
+    assert not FusedPanels.can_fuse([PanelLinear(nn.Linear(64, 48)), PanelLinear(linear)])
 
 
 def test_q4_panel_linear_refuses_mismatched_shapes(kernels) -> None:

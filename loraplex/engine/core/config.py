@@ -47,6 +47,10 @@ class ModelConfig:
     # file's own blocks where these reproduce the float32 weights exactly; the same outputs to the bit from about
     # a fifth of the memory (kernels/cpu/gguf_weights.py). False computes on the float32 weights
     gguf_weights: bool = True
+    # with the CPU kernels and a Llama-architecture decoder: run each step's forward in fewer calls (q/k/v in one
+    # kernel call, gate/up in another; model/decoder_step.py), the same hidden states to the bit. False runs
+    # transformers' forward
+    fused_forward: bool = True
     # CUDA: decode attention through the Triton kernel that reads the paged cache in place
     # (kernels/cuda/triton_decode.py) and RMSNorm in one Triton kernel (kernels/cuda/triton_norm.py), each checked
     # against torch at start; false, or no Triton, uses SDPA over the blocks gathered per step and transformers' norm
@@ -67,7 +71,8 @@ class ModelConfig:
             raise ConfigError(f"model.tool_parser = {self.tool_parser!r}; use one of {', '.join(TOOL_PARSERS)}")
         if self.num_threads < 0:
             raise ConfigError(f"model.num_threads = {self.num_threads}; use 0 (the CPU quota) or more")
-        for name in ("packed_weights", "enforce_eager", "cpu_kernels", "gguf_weights", "triton_kernels"):
+        flags = ("packed_weights", "enforce_eager", "cpu_kernels", "gguf_weights", "fused_forward", "triton_kernels")
+        for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"model.{name} = {getattr(self, name)!r}; use true or false")
 

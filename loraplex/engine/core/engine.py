@@ -23,6 +23,7 @@ from loraplex.engine.core.sequence import FinishReason, Request, Sequence, Seque
 from loraplex.engine.lora.config import LoRAAdapter
 from loraplex.engine.lora.manager import LoRAManager
 from loraplex.engine.model.attention import register_paged_attention
+from loraplex.engine.model.decoder_step import LlamaDecoderStep
 from loraplex.engine.model.grammar import Grammars
 from loraplex.engine.model.kv_cache import KVCache
 from loraplex.engine.model.loader import LoadedModel, cache_root, load_model, return_freed_memory
@@ -121,6 +122,8 @@ class LLMEngine:
         )
         self.runner = ModelRunner(self.model, self.lora, self.kv_cache, self.block_manager)
         kernels.attach_decode(self.runner, self.lora, self.model, config.model, cpu_kernels, head_dim)
+        if cpu_kernels and config.model.fused_forward:
+            self.runner.decoder_step = LlamaDecoderStep.build(self.model.get_decoder())
         # Graphs only over plain weights: bitsandbytes kernels were never captured and checked on a GPU here.
         if self.runner.device.type == "cuda" and not config.model.enforce_eager and config.model.quantization == "none":
             self.runner.use_decode_graphs(limits.max_num_seqs, limits.max_model_len, capture=True)

@@ -156,11 +156,16 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
+        self.add_delta(x, y.view(-1, self.out_features))  # the base layer's fresh output: added in place
+        return y
+
+    def add_delta(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Add each token's adapter delta to ``out`` [tokens, out_features], the base layer's output for ``x``
+        (its rows may be strided: a column slice of projections computed together, model/decoder_step.py)."""
         mapping = self.batch.mapping
         if mapping is None or not mapping.slots_in_batch.intersection(self.slot_ranks):
-            return y
+            return
         flat = x.reshape(-1, self.in_features).to(self.a_packed.dtype)
-        out = y.view(-1, self.out_features)  # the base layer's fresh output: the deltas are added in place
         mixed_rows = flat.shape[0] if mapping.num_mixed_rows is None else mapping.num_mixed_rows
         mixed_slots = mapping.slots_in_batch if mapping.mixed_slots is None else mapping.mixed_slots
         if mixed_rows and mixed_slots.intersection(self.slot_ranks):
@@ -182,4 +187,3 @@ class MultiLoRALinear(nn.Module):
                 own = self.slot_rows(segment.slot)
                 rows = slice(segment.start, segment.end)
                 add_product(out[rows], flat[rows] @ self.a_packed[own].T, self.b_packed_t[own])
-        return y

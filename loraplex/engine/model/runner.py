@@ -13,6 +13,7 @@ from loraplex.engine.lora.layers import LoRAMapping, LoRASegment
 from loraplex.engine.lora.manager import LoRAManager
 from loraplex.engine.model.attention import AttentionMetadata, DecodeGroup, PagedDecode, PagedDecodeKernel, PrefillChunk
 from loraplex.engine.model.cuda_graphs import LORA, POSITION, SLOT, TOKEN, DecodeGraphs, GraphBatch
+from loraplex.engine.model.decoder_step import LlamaDecoderStep
 from loraplex.engine.model.kv_cache import KVCache
 
 # Decodes attend in groups of this many sequences of similar context length. On the 2-core CPU this was
@@ -50,6 +51,8 @@ class ModelRunner:
         self.decode_group_seqs = DECODE_GROUP_SEQS if self.device.type == "cpu" else None
         # Set by the engine when a paged decode kernel can run here (model/attention.py's PagedDecode).
         self.paged_decode: PagedDecodeKernel | None = None
+        # Set by the engine with the CPU kernels and a Llama decoder: its forward in fewer calls (model/decoder_step.py)
+        self.decoder_step: LlamaDecoderStep | None = None
 
     def use_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool) -> None:
         """Run decode-only steps through ``DecodeGraphs``: captured on CUDA, the same static forward without
@@ -201,11 +204,14 @@ class ModelRunner:
                 return logits, hidden
             inputs = self.prepare_inputs(inputs.chunks)  # capture failed: the eager layout of this step
         with self.lora.batch.use(inputs.lora_mapping):
-            hidden = self.decoder(
-                input_ids=inputs.input_ids[None],
-                position_ids=inputs.positions[None],
-                attn_metadata=inputs.attn_metadata,
-                use_cache=False,
-            ).last_hidden_state[0]  # [T, hidden]
+            if self.decoder_step is not None:
+                hidden = self.decoder_step(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+            else:
+                hidden = self.decoder(
+                    input_ids=inputs.input_ids[None],
+                    position_ids=inputs.positions[None],
+                    attn_metadata=inputs.attn_metadata,
+                    use_cache=False,
+                ).last_hidden_state[0]  # [T, hidden]
         logits = self.lm_head(hidden[inputs.logits_indices])
         return logits.float(), hidden

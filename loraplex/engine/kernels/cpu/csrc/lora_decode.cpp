@@ -99,11 +99,13 @@ void lora_decode_delta(
     const at::Tensor& slots,       // [T] int64, 0 = no adapter, else 1..L
     int64_t rank,                  // rows per slot in the packed matrices
     const at::Tensor& slot_ranks,  // [L] int64: slot s's own rank (its first rows; the rest are zero padding)
-    const at::Tensor& out) {       // [T, out], the delta is added in place
-  for (const at::Tensor* t : {&x, &a_packed, &b_packed_t, &out}) {
+    const at::Tensor& out) {       // [T, out], the delta is added in place; rows may be strided (a column slice)
+  for (const at::Tensor* t : {&x, &a_packed, &b_packed_t}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu() && t->dim() == 2,
                 "lora_decode_delta: float32 contiguous 2-D CPU tensors only");
   }
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.device().is_cpu() && out.dim() == 2 && out.stride(1) == 1,
+              "lora_decode_delta: out must be a float32 2-D CPU tensor with contiguous rows");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.dim() == 1);
   TORCH_CHECK(slot_ranks.scalar_type() == at::kLong && slot_ranks.is_contiguous() && slot_ranks.dim() == 1 &&
                   slot_ranks.device().is_cpu(),
@@ -126,6 +128,7 @@ void lora_decode_delta(
   const float* b_all = b_packed_t.data_ptr<float>();
   const int64_t* slot_of = slots.data_ptr<int64_t>();
   float* ys = out.data_ptr<float>();
+  const int64_t ldy = out.size(0) > 1 ? out.stride(0) : out_features;
 
   // The rows with an adapter of this layer, slot by slot (a stable counting sort).
   std::vector<int64_t> starts(num_slots + 2, 0);
@@ -151,7 +154,7 @@ void lora_decode_delta(
         float* sh = shrunk.data() + i * rank;
         shrink_row(xs + t * in, a_all + first * in, in, own, sh);
         for (int64_t c0 = 0; c0 < out_features; c0 += kChunk) {
-          expand_chunk(ys + t * out_features + c0, sh, b_all + first * out_features + c0, out_features, own,
+          expand_chunk(ys + t * ldy + c0, sh, b_all + first * out_features + c0, out_features, own,
                        std::min(kChunk, out_features - c0));
         }
       }
@@ -173,7 +176,7 @@ void lora_decode_delta(
       for (int64_t s = 1; s <= num_slots; ++s) {
         const float* b_slot = b_all + (s - 1) * rank * out_features + c0;
         for (int64_t i = starts[s]; i < starts[s + 1]; ++i) {
-          expand_chunk(ys + order[i] * out_features + c0, shrunk.data() + i * rank, b_slot, out_features,
+          expand_chunk(ys + order[i] * ldy + c0, shrunk.data() + i * rank, b_slot, out_features,
                        rank_of[s - 1], cols);
         }
       }
