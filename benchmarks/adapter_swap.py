@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import random
 import statistics
 import sys
@@ -42,25 +40,20 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from adapters.make_random import SHAPES, make_adapter
+from benchmarks.harness import cli, report
+from benchmarks.harness.cli import log
+from benchmarks.harness.engine import SystemResult, engine_config, run_loraplex, with_kv_pool, with_limits
+from benchmarks.harness.machine import load_average, machine_description, source_revision
+from benchmarks.harness.memory import MB
+from benchmarks.harness.stats import summary
+from benchmarks.harness.workload import BenchRequest, cut_prompt, source_token_pool
+from loraplex.engine.core.config import EngineConfig
+from loraplex.engine.core.engine import LLMEngine, RequestOutput
+from loraplex.engine.core.scheduler import SchedulerOutput
+from loraplex.engine.core.sequence import Request, SamplingParams
 
-ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "benchmarks"):  # run as a script from anywhere; benchmarks/ is not a package
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-import engine_throughput as et  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-
-from adapters.make_random import SHAPES, make_adapter  # noqa: E402
-from loraplex.engine.core.config import EngineConfig, load_config  # noqa: E402
-from loraplex.engine.core.engine import LLMEngine, RequestOutput  # noqa: E402
-from loraplex.engine.core.scheduler import SchedulerOutput  # noqa: E402
-from loraplex.engine.core.sequence import Request, SamplingParams  # noqa: E402
-
-DEFAULT_OUT = ROOT / "benchmarks" / "results"
 ALL_TARGETS = [module.split(".")[1] for module in SHAPES]
 SWAP_SPEC = dict(r=16, lora_alpha=32, targets=ALL_TARGETS, use_rslora=False)  # the largest rank 16 allows
 ZIPF_SPECS = [  # cycled over the throughput adapters: ranks up to 16, three target sets
@@ -155,9 +148,8 @@ def make_zipf_adapters(root: Path, num_adapters: int, seed: int) -> dict[str, Pa
     return paths
 
 
-def engine_config(base: EngineConfig, max_loras: int, num_kv_blocks: int = 0) -> EngineConfig:
-    limits = dataclasses.replace(base.limits, max_loras=max_loras, max_lora_rank=16)
-    return et.with_kv_pool(dataclasses.replace(base, limits=limits), num_kv_blocks)
+def swap_config(base: EngineConfig, max_loras: int, num_kv_blocks: int = 0) -> EngineConfig:
+    return with_kv_pool(with_limits(base, max_loras=max_loras, max_lora_rank=16), num_kv_blocks)
 
 
 def register(engine: LLMEngine, names: list[str], path: Path) -> list[float]:
@@ -211,17 +203,6 @@ class SwapTrials:
         return self.join(name, "cold")
 
 
-def summary_ms(seconds: list[float]) -> dict:
-    ms = [1000 * s for s in seconds]
-    return {
-        "n": len(ms),
-        "mean": round(statistics.fmean(ms), 2),
-        "median": round(statistics.median(ms), 2),
-        "min": round(min(ms), 2),
-        "max": round(max(ms), 2),
-    }
-
-
 def run_ttft(trials: SwapTrials, settings: Settings) -> dict:
     """Part 1: nothing else running; alternate resident and cold, each request alone in its step."""
     ttft: dict[str, list[float]] = {"resident": [], "cold": []}
@@ -232,7 +213,7 @@ def run_ttft(trials: SwapTrials, settings: Settings) -> dict:
             ttft[kind].append(seconds)
     added = statistics.median(ttft["cold"]) - statistics.median(ttft["resident"])
     return {
-        "ttft_ms": {kind: summary_ms(values) for kind, values in ttft.items()},
+        "ttft_ms": {kind: summary(values) for kind, values in ttft.items()},
         "cold_minus_resident_median_ms": round(1000 * added, 2),
     }
 
@@ -241,9 +222,7 @@ def start_background(engine: LLMEngine, pool: list[list[int]], settings: Setting
     rng = random.Random(settings.seed + 2)
     ids = []
     for i in range(settings.batch_size):
-        tokens = rng.choice(pool)
-        start = rng.randrange(len(tokens) - settings.background_prompt_len)
-        prompt = tokens[start : start + settings.background_prompt_len]
+        prompt = cut_prompt(rng, pool, settings.background_prompt_len)
         ids.append(f"background-{i}")
         engine.add_request(Request(ids[-1], "swap-hot", prompt, SamplingParams(max_tokens, ignore_eos=True)))
     return ids
@@ -293,8 +272,8 @@ def summarize_impact(times: dict[str, list[float]], load_seconds: list[float], s
     paired = [c - r for c, r in zip(times["cold_join"], times["resident_join"], strict=True)]
     return {
         "batch_size": settings.batch_size,
-        "step_ms": {kind: summary_ms(values) for kind, values in times.items()},
-        "load_slot_ms": summary_ms(load_seconds),
+        "step_ms": {kind: summary(values) for kind, values in times.items()},
+        "load_slot_ms": summary(load_seconds),
         "swap_added_ms": round(1000 * swap_added, 2),
         "swap_added_paired_median_ms": round(1000 * statistics.median(paired), 2),
         "prefill_join_added_ms": round(1000 * (statistics.median(times["resident_join"]) - decode), 2),
@@ -311,23 +290,19 @@ def zipf_weights(n: int, s: float) -> list[float]:
     return [1 / k**s for k in range(1, n + 1)]
 
 
-def make_zipf_workload(pool: list[list[int]], names: list[str], settings: Settings) -> list[et.BenchRequest]:
+def make_zipf_workload(pool: list[list[int]], names: list[str], settings: Settings) -> list[BenchRequest]:
     """Adapters drawn with Zipf weights (``names`` shuffled into popularity order), prompts cut from ``pool``."""
     rng = random.Random(settings.seed)
     by_popularity = rng.sample(names, len(names))
     endpoints = rng.choices(by_popularity, weights=zipf_weights(len(names), settings.zipf_s), k=settings.num_requests)
     requests = []
     for i, endpoint in enumerate(endpoints):
-        prompt_len = rng.randint(*settings.prompt_lens)
-        tokens = rng.choice([t for t in pool if len(t) > prompt_len])
-        start = rng.randrange(len(tokens) - prompt_len)
-        requests.append(
-            et.BenchRequest(f"zipf-{i:03d}", endpoint, tokens[start : start + prompt_len], settings.output_len)
-        )
+        prompt = cut_prompt(rng, pool, rng.randint(*settings.prompt_lens))
+        requests.append(BenchRequest(f"zipf-{i:03d}", endpoint, prompt, settings.output_len))
     return requests
 
 
-def describe_zipf_workload(workload: list[et.BenchRequest], names: list[str], settings: Settings) -> dict:
+def describe_zipf_workload(workload: list[BenchRequest], names: list[str], settings: Settings) -> dict:
     counts = {name: sum(r.endpoint == name for r in workload) for name in names}
     return {
         "num_requests": len(workload),
@@ -349,12 +324,12 @@ def describe_zipf_workload(workload: list[et.BenchRequest], names: list[str], se
 
 
 def run_throughput(
-    engine: LLMEngine, recorder: LoadRecorder, workload: list[et.BenchRequest], names: list[str], label: str
-) -> et.SystemResult:
-    warm = [et.BenchRequest(f"warm-{label}-{n}", n, workload[0].prompt_token_ids, 1) for n in names]
-    et.run_loraplex(engine, warm, "warmup", "")  # every adapter once: the all-resident engine keeps them all
+    engine: LLMEngine, recorder: LoadRecorder, workload: list[BenchRequest], names: list[str], label: str
+) -> SystemResult:
+    warm = [BenchRequest(f"warm-{label}-{n}", n, workload[0].prompt_token_ids, 1) for n in names]
+    run_loraplex(engine, warm, "warmup", "")  # every adapter once: the all-resident engine keeps them all
     loads_before = recorder.total_loads
-    result = et.run_loraplex(engine, workload, label, f"max_loras = {engine.config.limits.max_loras}")
+    result = run_loraplex(engine, workload, label, f"max_loras = {engine.config.limits.max_loras}")
     result.extra["slot_loads"] = recorder.total_loads - loads_before
     result.extra["max_loras"] = engine.config.limits.max_loras
     return result
@@ -376,18 +351,18 @@ def evaluate_targets(impact: dict) -> list[dict]:
     ]
 
 
-def markdown(report: dict) -> str:
-    ttft, impact, tput = report["ttft_idle"], report["batch_impact"], report["throughput"]
-    machine = report["machine"]
+def markdown(data: dict) -> str:
+    ttft, impact, tput = data["ttft_idle"], data["batch_impact"], data["throughput"]
+    machine = data["machine"]
     lines = [
         "# Adapter swap cost",
         "",
-        f"{report['model']['name']} {report['model']['dtype']}, adapters r=16 on all seven projections "
-        f"({report['swap_adapter']['host_mb']} MB each), max_loras {report['settings']['max_loras']} — "
+        f"{data['model']['name']} {data['model']['dtype']}, adapters r=16 on all seven projections "
+        f"({data['swap_adapter']['host_mb']} MB each), max_loras {data['settings']['max_loras']} — "
         f"{machine['cpu_model']}, {machine['logical_cores']} cores, torch threads: {machine['torch_threads']}, "
         f"load average {machine['load_average_at_start'][0]} at start.",
         "",
-        f"## Time to first token, idle engine ({report['settings']['prompt_len']}-token prompt)",
+        f"## Time to first token, idle engine ({data['settings']['prompt_len']}-token prompt)",
         "",
         "| adapter | median ms | mean ms | min ms | max ms | n |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -426,9 +401,9 @@ def markdown(report: dict) -> str:
         "",
         f"Swapping ÷ all resident: {tput['swapping_over_all_resident']}.",
         "",
-        *(f"- {t['target']}: {t['measured']} ({'met' if t['met'] else 'missed'})" for t in report["targets"]),
+        *(f"- {t['target']}: {t['measured']} ({'met' if t['met'] else 'missed'})" for t in data["targets"]),
         "",
-        f"Full run took {report['wall_seconds']} s. Details: adapter_swap.json.",
+        f"Full run took {data['wall_seconds']} s. Details: adapter_swap.json.",
         "",
     ]
     return "\n".join(lines)
@@ -438,19 +413,14 @@ def markdown(report: dict) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help=f"small run for development and CI: {QUICK}")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = the config's)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for adapter_swap.json and .md")
+    parser = cli.parser(__doc__, f"{QUICK}", ("threads", "seed", "config"))
     parser.add_argument("--trials", type=int, help="cold / resident pairs in parts 1 and 2")
     parser.add_argument("--batch-size", type=int, help="background decoding requests in part 2")
     parser.add_argument("--num-adapters", type=int, help="adapters in the Zipf throughput run")
     parser.add_argument("--num-requests", type=int, help="requests in the Zipf throughput run")
     parser.add_argument("--zipf-s", type=float, help="Zipf exponent s (weight of rank k = 1/k^s)")
     parser.add_argument("--max-loras", type=int, help="slots of the swapping engine (at least 3)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--config", help="engine TOML config (default: the shipped one)")
-    args = parser.parse_args(argv)
+    args = cli.parse(parser, argv)
     if args.max_loras is not None and args.max_loras < 3:
         parser.error("--max-loras: part 2 needs 3 slots (the batch's adapter, a resident one, one to swap)")
     return args
@@ -471,27 +441,25 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def swap_parts(config: EngineConfig, swap_path: Path, pool: list[list[int]], settings: Settings) -> dict:
     """Parts 1 and 2 on one engine; returns their results and the engine (reused for part 3)."""
-    engine = LLMEngine(engine_config(config, settings.max_loras, settings.num_kv_blocks))
+    engine = LLMEngine(swap_config(config, settings.max_loras, settings.num_kv_blocks))
     recorder = LoadRecorder(engine)
     cold = [f"swap-cold-{i}" for i in range(settings.max_loras + 2)]
     read_s = register(engine, ["swap-hot", "swap-resident", *cold], swap_path)
-    rng = random.Random(settings.seed + 1)
-    tokens = rng.choice([t for t in pool if len(t) > settings.prompt_len])
-    start = rng.randrange(len(tokens) - settings.prompt_len)
-    trials = SwapTrials(engine, recorder, tokens[start : start + settings.prompt_len], cold)
+    prompt = cut_prompt(random.Random(settings.seed + 1), pool, settings.prompt_len)
+    trials = SwapTrials(engine, recorder, prompt, cold)
     for name in ["swap-hot", *cold, "swap-resident"]:  # fill every slot: the packed LoRA shapes stop changing
         trials.join(name, "cold")
-    et.log("part 1: time to first token, cold against resident, idle engine")
+    log("part 1: time to first token, cold against resident, idle engine")
     ttft = run_ttft(trials, settings)
-    et.log(f"part 2: cold against resident join in a batch of {settings.batch_size}")
+    log(f"part 2: cold against resident join in a batch of {settings.batch_size}")
     impact = run_batch_impact(engine, trials, pool, settings)
     return {
         "engine": engine,
         "recorder": recorder,
         "ttft": ttft,
         "impact": impact,
-        "read_ms": summary_ms(read_s),
-        "adapter_mb": round(engine.lora.adapters["swap-hot"].num_bytes / et.MB, 1),
+        "read_ms": summary(read_s),
+        "adapter_mb": round(engine.lora.adapters["swap-hot"].num_bytes / MB, 1),
     }
 
 
@@ -501,7 +469,7 @@ def throughput_part(
     """Part 3: the same Zipf workload on the swapping engine and on a new one with every adapter resident."""
     names = list(paths)
     workload = make_zipf_workload(pool, names, settings)
-    resident = LLMEngine(engine_config(config, len(names), settings.num_kv_blocks))
+    resident = LLMEngine(swap_config(config, len(names), settings.num_kv_blocks))
     runs = {
         f"max_loras={settings.max_loras} (swapping)": (swapping, recorder),
         f"max_loras={len(names)} (all resident)": (resident, LoadRecorder(resident)),
@@ -510,7 +478,7 @@ def throughput_part(
     for label, (engine, engine_recorder) in runs.items():
         for name, path in paths.items():
             engine.add_adapter(engine.lora.read(name, path))
-        et.log(f"part 3: {label}")
+        log(f"part 3: {label}")
         results[label] = run_throughput(engine, engine_recorder, workload, names, label)
     swapping_result, resident_result = results.values()
     same = sum(swapping_result.outputs[rid] == tokens for rid, tokens in resident_result.outputs.items())
@@ -522,7 +490,7 @@ def throughput_part(
     }
 
 
-def system_json(result: et.SystemResult) -> dict:
+def system_json(result: SystemResult) -> dict:
     """engine_throughput's record of a run, less what this benchmark does not measure (memory, speedup)."""
     data = result.to_json(None)
     del data["loraplex_speedup"], data["memory"]
@@ -531,27 +499,23 @@ def system_json(result: et.SystemResult) -> dict:
 
 def run_benchmark(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
-    transformers.logging.set_verbosity_error()
     settings = settings_from(args)
-    config = load_config(args.config)
-    threads = args.threads or config.model.num_threads or torch.get_num_threads()
-    config.model.num_threads = threads
-    torch.set_num_threads(threads)
-    machine = et.machine_description(threads)
-    et.log(f"settings: {settings}")
+    config, threads = engine_config(args)
+    machine = machine_description(threads)
+    log(f"settings: {settings}")
     with tempfile.TemporaryDirectory(prefix="adapter_swap-") as tmp:
         swap_path = make_swap_adapter(Path(tmp), settings.seed)
         zipf_paths = make_zipf_adapters(Path(tmp), settings.num_adapters, settings.seed)
-        pool = et.source_token_pool(load_tokenizer(config))
+        pool = source_token_pool(load_tokenizer(config))
         swap = swap_parts(config, swap_path, pool, settings)
         throughput = throughput_part(config, swap["engine"], swap["recorder"], zipf_paths, pool, settings)
     model = {"name": swap["engine"].model_name, "dtype": config.model.dtype, "device": config.model.device}
-    report = {
+    data = {
         "benchmark": "adapter_swap",
         "machine": machine,
-        "source": et.source_revision(),
+        "source": source_revision(),
         "model": model,
-        "engine_limits": dataclasses.asdict(engine_config(config, settings.max_loras, settings.num_kv_blocks).limits),
+        "engine_limits": dataclasses.asdict(swap_config(config, settings.max_loras, settings.num_kv_blocks).limits),
         "settings": dataclasses.asdict(settings),
         "quick": args.quick,
         "swap_adapter": {**SWAP_SPEC, "host_mb": swap["adapter_mb"], "read_from_disk_ms": swap["read_ms"]},
@@ -559,29 +523,24 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "batch_impact": swap["impact"],
         "throughput": throughput,
         "targets": evaluate_targets(swap["impact"]),
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "load_average_at_end": load_average(),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    report["table"] = markdown(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "adapter_swap.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "adapter_swap.md").write_text(report["table"])
-    return report
+    data["table"] = markdown(data)
+    report.write(args.out, "adapter_swap", data, data["table"])
+    return data
 
 
-def load_tokenizer(config: EngineConfig) -> transformers.PreTrainedTokenizerBase:
+def load_tokenizer(config: EngineConfig) -> object:
+    import transformers
+
     from loraplex.engine.model.loader import resolve_model_dir
 
     return transformers.AutoTokenizer.from_pretrained(resolve_model_dir(config.model)[0])
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    report = run_benchmark(args)
-    print()
-    print(report["table"])
-    print(f"wrote {args.out}/adapter_swap.{{json,md}} in {report['wall_seconds']} s")
-    return report
+    return run_benchmark(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -30,16 +30,14 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-# No torch at the top: a variant's process must choose whether torch or the engine loads first.
-ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "benchmarks"):  # run as a script from anywhere; engine_throughput's helpers
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+# No torch at the top (the harness's cli, machine and report modules import none): a variant's process must
+# choose whether torch or the engine loads first.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from benchmarks.harness import cli, report
+from benchmarks.harness.machine import machine_description, source_revision
 
-DEFAULT_OUT = ROOT / "benchmarks" / "results"
 ENDPOINT = "chatbot"
 PROMPT = list(range(1000, 1064))  # token ids: greedy decoding runs on for the tokens asked
 REPLY = "@@ "  # marks the lines of the measurement protocol on a child's stdout
@@ -69,29 +67,17 @@ def serve_measurements(variant: Variant, num_kv_blocks: int | None = None) -> No
         import loraplex.engine  # noqa: F401  before torch: it sets OpenMP's wait policy, read when torch loads
 
     import torch
-    import transformers
-    from engine_throughput import with_kv_pool
 
+    from benchmarks.harness.engine import median_decode_step, with_kv_pool, with_model
     from loraplex.engine.core.config import load_config
     from loraplex.engine.core.engine import LLMEngine
-    from loraplex.engine.core.sequence import Request, SamplingParams
 
-    transformers.logging.set_verbosity_error()
-    config = with_kv_pool(load_config(), num_kv_blocks)
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, num_threads=variant.num_threads))
-    engine = LLMEngine(config)
+    engine = LLMEngine(with_model(with_kv_pool(load_config(), num_kv_blocks), num_threads=variant.num_threads))
     if hasattr(torch.ops.loraplex, "set_dynamic_split"):
         torch.ops.loraplex.set_dynamic_split(variant.dynamic)
     for count, line in enumerate(sys.stdin):
-        params = SamplingParams(max_tokens=int(line), ignore_eos=True)
-        engine.add_request(Request(f"r{count}", ENDPOINT, PROMPT, params))
-        engine.step()  # the prefill and the first token
-        steps = []
-        while engine.has_unfinished():
-            start = time.perf_counter()
-            engine.step()
-            steps.append(time.perf_counter() - start)
-        print(REPLY + json.dumps({"step_s": statistics.median(steps), "threads": torch.get_num_threads()}), flush=True)
+        step_s = median_decode_step(engine, f"r{count}", ENDPOINT, PROMPT, int(line))
+        print(REPLY + json.dumps({"step_s": step_s, "threads": torch.get_num_threads()}), flush=True)
 
 
 class Child:
@@ -170,8 +156,6 @@ def summarise(rows: list[dict], names: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from engine_throughput import cpu_model, source_revision
-
     children = {name: Child(name, args.num_kv_blocks) for name in args.variants}
     rows: list[dict] = []
     try:
@@ -179,18 +163,15 @@ def run(args: argparse.Namespace) -> dict:
             child.measure(2)
         for round_index in range(args.rounds):
             rows += measure_round(children, args.tokens, round_index)
-            print(
-                f"round {round_index + 1} of {args.rounds}: "
-                + ", ".join(f"{r['variant']} {r['load']} {r['tok_s']} tok/s" for r in rows[-2 * len(children) :]),
-                flush=True,
-            )
+            latest = ", ".join(f"{r['variant']} {r['load']} {r['tok_s']} tok/s" for r in rows[-2 * len(children) :])
+            cli.log(f"round {round_index + 1} of {args.rounds}: {latest}")
     finally:
         for child in children.values():
             child.close()
     summary = summarise(rows, list(children))
     return {
         "benchmark": "contention",
-        "machine": {"cpu_model": cpu_model(), "logical_cores": os.cpu_count(), "load_average": os.getloadavg()},
+        "machine": machine_description(),
         "source": source_revision(),
         "variants": {name: dataclasses.asdict(VARIANTS[name]) for name in children},
         "settings": {
@@ -207,28 +188,21 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 round of 3 tokens, KV pools of 32 blocks")
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser = cli.parser(__doc__, "1 round of 3 tokens, KV pools of 32 blocks", ("num_kv_blocks",))
+    parser.add_argument("--tokens", type=int, help="greedy tokens per measurement (default 32)")
+    parser.add_argument("--rounds", type=int, help="rounds, each variant quiet and busy in each (default 7)")
     parser.add_argument(
         "--variants",
         type=lambda s: s.split(","),
         default=["old", "new"],
         help=f"comma-separated, of {', '.join(VARIANTS)}",
     )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument(
-        "--num-kv-blocks", type=int, help="limits.num_kv_blocks of every variant (default: the config's)"
-    )
     parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    # each variant's engine allocates its whole pool at start
+    args = cli.parse(parser, argv, {"tokens": 32, "rounds": 7}, {"tokens": 3, "rounds": 1, "num_kv_blocks": 32})
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(sorted(unknown))}; use {', '.join(VARIANTS)}")
-    if args.quick:
-        args.tokens, args.rounds = 3, 1
-        args.num_kv_blocks = args.num_kv_blocks or 32  # each variant's engine allocates its whole pool at start
     return args
 
 
@@ -237,15 +211,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.child:
         serve_measurements(VARIANTS[args.child], args.num_kv_blocks)
         return {}
-    report = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "contention.json").write_text(json.dumps(report, indent=2) + "\n")
-    for name, s in report["summary"].items():
-        print(
-            f"{name}: quiet {s['quiet_tok_s']} tok/s, with a busy process {s['hog_tok_s']} tok/s: "
-            f"{s['slowdown']}x slower"
-        )
-    return report
+    data = run(args)
+    lines = [
+        f"- {name}: quiet {s['quiet_tok_s']} tok/s, with a busy process {s['hog_tok_s']} tok/s: {s['slowdown']}x slower"
+        for name, s in data["summary"].items()
+    ]
+    report.write(args.out, "contention", data, "# Single-stream decode beside a busy process\n\n" + "\n".join(lines))
+    return data
 
 
 if __name__ == "__main__":

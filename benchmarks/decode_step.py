@@ -24,51 +24,18 @@ machine drift hits them alike; each figure is the median step over all rounds.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from benchmarks.harness import cli, report
+from benchmarks.harness.engine import decode_steps, engine_config, with_model
+from benchmarks.harness.machine import machine_description, source_revision
+from loraplex.engine.core.engine import LLMEngine
+from loraplex.engine.core.sequence import Request, SamplingParams
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-import transformers  # noqa: E402
-
-from loraplex.engine.core.config import load_config  # noqa: E402
-from loraplex.engine.core.engine import LLMEngine  # noqa: E402
-from loraplex.engine.core.sequence import Request, SamplingParams  # noqa: E402
-
-DEFAULT_OUT = ROOT / "benchmarks" / "results"
 PROMPT_LEN = 64
-
-
-def decode_step_seconds(engine: LLMEngine, batch: int, steps: int, tag: str) -> list[float]:
-    """Prefill ``batch`` requests, then time ``steps`` decode-only steps; the requests are aborted after."""
-    endpoints = list(engine.endpoint_adapters)
-    ids = [f"{tag}-{i}" for i in range(batch)]
-    for i, request_id in enumerate(ids):
-        prompt = list(range(1000 + i, 1000 + i + PROMPT_LEN))
-        params = SamplingParams(max_tokens=steps + 2, ignore_eos=True)
-        engine.add_request(Request(request_id, endpoints[i % len(endpoints)], prompt, params))
-    while any(t.seq.num_computed_tokens < len(t.seq.request.prompt_token_ids) for t in engine.tracked.values()):
-        engine.step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - start)
-    for request_id in ids:
-        engine.abort(request_id)
-    return times
-
-
 VARIANTS = {
     "default": {},
     "float32-weights": {"gguf_weights": False},
@@ -77,24 +44,27 @@ VARIANTS = {
 }
 
 
-def run(args: argparse.Namespace) -> dict:
-    transformers.logging.set_verbosity_error()
-    from engine_throughput import cpu_model, source_revision, with_kv_pool
+def decode_step_seconds(engine: LLMEngine, batch: int, steps: int, tag: str) -> list[float]:
+    """Prefill ``batch`` requests (one per endpoint in turn), then time ``steps`` decode-only steps."""
+    endpoints = list(engine.endpoint_adapters)
+    params = SamplingParams(max_tokens=steps + 2, ignore_eos=True)
+    requests = [
+        Request(f"{tag}-{i}", endpoints[i % len(endpoints)], list(range(1000 + i, 1000 + i + PROMPT_LEN)), params)
+        for i in range(batch)
+    ]
+    return decode_steps(engine, requests, steps)
 
-    config = with_kv_pool(load_config(), args.num_kv_blocks)
-    config.model.num_threads = args.threads
-    torch.set_num_threads(args.threads)
-    engines = {
-        variant: LLMEngine(dataclasses.replace(config, model=dataclasses.replace(config.model, **change)))
-        for variant, change in VARIANTS.items()
-    }
+
+def run(args: argparse.Namespace) -> dict:
+    config, threads = engine_config(args)
+    engines = {variant: LLMEngine(with_model(config, **change)) for variant, change in VARIANTS.items()}
     times: dict[str, dict[int, list[float]]] = {v: {b: [] for b in args.batches} for v in engines}
     for round_index in range(args.rounds):
         for batch in args.batches:
             for variant, engine in engines.items():
                 tag = f"{variant}-{round_index}-{batch}"
                 times[variant][batch] += decode_step_seconds(engine, batch, args.steps, tag)
-        print(f"round {round_index + 1} of {args.rounds} done", flush=True)
+        cli.log(f"round {round_index + 1} of {args.rounds} done")
     rows = []
     others = [variant for variant in engines if variant != "default"]
     for batch in args.batches:
@@ -102,32 +72,11 @@ def run(args: argparse.Namespace) -> dict:
         row = {"batch": batch} | {f"{variant}_ms": round(value, 1) for variant, value in ms.items()}
         row |= {f"{variant}_vs_default": round(ms[variant] / ms["default"], 2) for variant in others}
         rows.append(row)
-    table = "\n".join(
-        [
-            "| sequences | "
-            + " | ".join(f"{v} ms/step" for v in engines)
-            + " | "
-            + " | ".join(f"{v} ÷ default" for v in others)
-            + " |",
-            "| ---: " * (1 + len(engines) + len(others)) + "|",
-        ]
-        + [
-            f"| {r['batch']} | "
-            + " | ".join(str(r[f"{v}_ms"]) for v in engines)
-            + " | "
-            + " | ".join(str(r[f"{v}_vs_default"]) for v in others)
-            + " |"
-            for r in rows
-        ]
-    )
+    header = ["sequences", *(f"{v} ms/step" for v in engines), *(f"{v} ÷ default" for v in others)]
+    cells = [[r["batch"], *(r[f"{v}_ms"] for v in engines), *(r[f"{v}_vs_default"] for v in others)] for r in rows]
     return {
         "benchmark": "decode_step",
-        "machine": {
-            "cpu_model": cpu_model(),
-            "logical_cores": os.cpu_count(),
-            "torch_threads": args.threads,
-            "torch": torch.__version__,
-        },
+        "machine": machine_description(threads),
         "source": source_revision(),
         "variants": VARIANTS,
         "settings": {
@@ -137,39 +86,26 @@ def run(args: argparse.Namespace) -> dict:
             "num_kv_blocks": config.limits.num_kv_blocks,
         },
         "rows": rows,
-        "table": table,
+        "table": report.table(header, cells, "r" * len(header)),
     }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="batches 1,3, 3 steps, 1 round, KV pools of 32 blocks")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--num-kv-blocks", type=int, help="limits.num_kv_blocks of every engine (default: the config's)"
-    )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = parser.parse_args(argv)
-    args.batches = [1, 3] if args.quick else [1, 2, 3, 4, 8, 16, 48]
-    if args.quick:
-        args.steps, args.rounds = 3, 1
-        args.num_kv_blocks = args.num_kv_blocks or 32  # 3 sequences of 64 + 5 tokens hold 15
-    return args
+    parser = cli.parser(__doc__, "batches 1,3, 3 steps, 1 round, KV pools of 32 blocks", threads=2)
+    parser.add_argument("--steps", type=int, help="timed decode steps per batch and round (default 20)")
+    parser.add_argument("--rounds", type=int, help="rounds the engines alternate for (default 3)")
+    full = {"steps": 20, "rounds": 3, "batches": [1, 2, 3, 4, 8, 16, 48]}
+    # 3 sequences of 64 + 5 tokens hold 15 blocks
+    quick = {"steps": 3, "rounds": 1, "batches": [1, 3], "num_kv_blocks": 32}
+    return cli.parse(parser, argv, full, quick)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if str(ROOT / "benchmarks") not in sys.path:  # for engine_throughput's machine helpers
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-    report = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decode_step.json").write_text(json.dumps(report, indent=2) + "\n")
+    data = run(args)
     title = "# Decode step: the default engine against its CPU fallbacks"
-    (args.out / "decode_step.md").write_text(f"{title}\n\n{report['table']}\n")
-    print(report["table"])
-    return report
+    report.write(args.out, "decode_step", data, f"{title}\n\n{data['table']}\n")
+    return data
 
 
 if __name__ == "__main__":

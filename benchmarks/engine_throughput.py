@@ -38,44 +38,46 @@ After the systems, loraplex runs again with KV pools of 1/8 to all of what the w
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import datetime
-import hashlib
-import importlib
-import inspect
-import json
 import os
-import platform
-import random
-import statistics
-import subprocess
 import sys
 import time
-import warnings
-from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notices inside generate
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from benchmarks.harness import cli, report
+from benchmarks.harness.cli import log
+from benchmarks.harness.engine import (
+    SystemResult,
+    check_counts,
+    engine_config,
+    mean_of_rounds,
+    run_loraplex,
+    with_limits,
+    with_model,
+)
+from benchmarks.harness.machine import machine_description, source_revision
+from benchmarks.harness.memory import MB, ResidentMemory
+from benchmarks.harness.stats import percentiles
+from benchmarks.harness.workload import (
+    FULL,
+    QUICK,
+    BenchRequest,
+    WorkloadSpec,
+    describe_workload,
+    make_workload,
+)
+from loraplex.engine.core.config import EngineConfig
+from loraplex.engine.core.engine import LLMEngine
+from loraplex.engine.model.loader import resolve_model_dir, return_freed_memory
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel  # noqa: E402
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
-from loraplex.engine.core.config import EngineConfig, load_config  # noqa: E402
-from loraplex.engine.core.engine import LLMEngine  # noqa: E402
-from loraplex.engine.core.sequence import FinishReason, Request, SamplingParams  # noqa: E402
-from loraplex.engine.model.loader import resolve_model_dir, return_freed_memory  # noqa: E402
-
-DEFAULT_OUT = ROOT / "benchmarks" / "results"
 BASELINES = (
     "base-only",
     "float32-weights",
@@ -89,116 +91,14 @@ BASELINES = (
 )
 # KV pool sizes of the pool sweep, as fractions of what the workload holds with every request resident.
 KV_POOL_FRACTIONS = (0.125, 0.25, 0.5, 0.625, 0.75, 1.0)
-# Standard-library modules whose source (code and docstrings) the prompts are cut from.
-SOURCE_MODULES = (
-    "argparse",
-    "collections",
-    "dataclasses",
-    "email.message",
-    "functools",
-    "http.client",
-    "inspect",
-    "json.decoder",
-    "logging",
-    "pathlib",
-    "subprocess",
-    "textwrap",
-    "typing",
-    "unittest.case",
-    "urllib.parse",
-    "zipfile",
-)
-SOURCE_CHARS = 12_000  # of each module: thousands of tokens, far more than the longest prompt
-MB = 2**20
-
-
-# ---- workload --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WorkloadSpec:
-    num_requests: int = 48
-    prompt_len: tuple[int, int] = (16, 256)  # inclusive range, uniform
-    output_len: tuple[int, int] = (16, 128)
-    seed: int = 0
-
-
-FULL = WorkloadSpec()
-QUICK = WorkloadSpec(num_requests=8, prompt_len=(16, 64), output_len=(8, 16))
-
-
-@dataclass
-class BenchRequest:
-    request_id: str
-    endpoint: str
-    prompt_token_ids: list[int]
-    max_tokens: int
-
-
-def source_token_pool(
-    tokenizer: transformers.PreTrainedTokenizerBase, modules: tuple[str, ...] = SOURCE_MODULES
-) -> list[list[int]]:
-    """Token ids of the first SOURCE_CHARS characters of each source module: real text, on every machine."""
-    texts = [inspect.getsource(importlib.import_module(name))[:SOURCE_CHARS] for name in modules]
-    return [tokenizer.encode(text, add_special_tokens=False) for text in texts]
-
-
-def make_workload(
-    tokenizer: transformers.PreTrainedTokenizerBase, endpoints: list[str], spec: WorkloadSpec
-) -> list[BenchRequest]:
-    """``spec.num_requests`` requests spread evenly over ``endpoints``, in a seeded random arrival order."""
-    rng = random.Random(spec.seed)
-    pool = source_token_pool(tokenizer)
-    assigned = [endpoints[i % len(endpoints)] for i in range(spec.num_requests)]
-    rng.shuffle(assigned)
-    requests = []
-    for i, endpoint in enumerate(assigned):
-        prompt_len, max_tokens = rng.randint(*spec.prompt_len), rng.randint(*spec.output_len)
-        tokens = rng.choice([t for t in pool if len(t) > prompt_len])
-        start = rng.randrange(len(tokens) - prompt_len)
-        requests.append(BenchRequest(f"req-{i:03d}", endpoint, tokens[start : start + prompt_len], max_tokens))
-    return requests
-
-
-def describe_workload(workload: list[BenchRequest], spec: WorkloadSpec) -> dict:
-    prompts = [len(r.prompt_token_ids) for r in workload]
-    outputs = [r.max_tokens for r in workload]
-    digest = hashlib.sha256(json.dumps([(r.endpoint, r.prompt_token_ids, r.max_tokens) for r in workload]).encode())
-    return {
-        "num_requests": len(workload),
-        "seed": spec.seed,
-        "requests_per_endpoint": dict(Counter(r.endpoint for r in workload)),
-        "prompt_tokens": {"min": min(prompts), "max": max(prompts), "total": sum(prompts)},
-        "output_tokens": {"min": min(outputs), "max": max(outputs), "total": sum(outputs)},
-        "prompt_source": f"Python {platform.python_version()} stdlib source of {', '.join(SOURCE_MODULES)}",
-        "arrivals": "all submitted at once",
-        "decoding": "greedy, EOS ignored",
-        "sha256": digest.hexdigest()[:16],
-    }
 
 
 # ---- memory ----------------------------------------------------------------------------------------------------
 
 
-def _status_kib(field_name: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field_name}")
-
-
-def rss_bytes() -> int:
-    return _status_kib("VmRSS") * 1024
-
-
-def peak_rss_bytes() -> int:
-    return _status_kib("VmHWM") * 1024
-
-
-def reset_peak_rss() -> None:
-    """Set VmHWM back to the current RSS (Linux: writing 5 to clear_refs), so each phase has its own peak."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
+def deployment() -> ResidentMemory:
+    """The RSS growth of the next system, from after the previous one's freed pages went back to the OS."""
+    return ResidentMemory(release=return_freed_memory)
 
 
 def tensor_bytes(tensors: Iterator[torch.Tensor]) -> int:
@@ -258,149 +158,18 @@ def model_bytes(model: torch.nn.Module) -> int:
     return tensor_bytes(iter([*model.parameters(), *model.buffers()]))
 
 
-class Deployment:
-    """Memory of one deployment (its load and every run on it): RSS growth from just before it was loaded."""
-
-    def __init__(self) -> None:
-        return_freed_memory()  # what the last system left, so the next RSS growth is its own
-        self.rss_before = rss_bytes()
-        reset_peak_rss()
-        self.loaded_rss = 0
-
-    def loaded(self) -> None:
-        self.loaded_rss = rss_bytes() - self.rss_before
-
-    @contextlib.contextmanager
-    def measure(self, memory: dict) -> Iterator[None]:
-        """Fill ``memory`` with the RSS growth after load and the peak while the block runs."""
-        reset_peak_rss()
-        yield
-        memory["rss_after_load_mb"] = round(self.loaded_rss / MB, 1)
-        memory["peak_rss_growth_mb"] = round((peak_rss_bytes() - self.rss_before) / MB, 1)
-
-
 def kv_blocks_needed(workload: list[BenchRequest], block_size: int) -> int:
     """KV blocks the workload holds when every request is resident at its full length."""
     return sum(-(-(len(r.prompt_token_ids) + r.max_tokens) // block_size) for r in workload)
 
 
-def with_kv_pool(config: EngineConfig, num_kv_blocks: int | None) -> EngineConfig:
-    """``config`` with a KV pool of ``num_kv_blocks``, ``max_model_len`` cut to fit it; unchanged for None or 0.
-    For small runs: an engine allocates and zeroes its whole pool as it starts (the default's is 755 MB)."""
-    if not num_kv_blocks:
-        return config
-    limits = config.limits
-    max_model_len = min(limits.max_model_len, num_kv_blocks * limits.block_size)
-    limits = dataclasses.replace(limits, num_kv_blocks=num_kv_blocks, max_model_len=max_model_len)
-    return dataclasses.replace(config, limits=limits)
-
-
-# ---- one system's run ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SystemResult:
-    name: str
-    description: str
-    tokens: int
-    seconds: float
-    threads: int
-    memory: dict = field(default_factory=dict)
-    latency_s: dict = field(default_factory=dict)  # from submission (all at once) to each request's finish
-    extra: dict = field(default_factory=dict)
-    outputs: dict[str, list[int]] = field(default_factory=dict, repr=False)  # request id -> token ids
-    load_average: float = field(default_factory=lambda: round(os.getloadavg()[0], 2))  # others' work adds noise
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
-
-    def to_json(self, reference: SystemResult | None) -> dict:
-        data = {
-            "description": self.description,
-            "tokens": self.tokens,
-            "seconds": round(self.seconds, 3),
-            "tokens_per_s": round(self.tokens_per_s, 2),
-            "loraplex_speedup": round(reference.tokens_per_s / self.tokens_per_s, 3) if reference else None,
-            "threads": self.threads,
-            "memory": self.memory,
-            "latency_s": self.latency_s,
-            "load_average_1min_at_end": self.load_average,
-            **self.extra,
-        }
-        if reference is not None and reference is not self and reference.outputs:
-            same = sum(self.outputs.get(rid) == tokens for rid, tokens in reference.outputs.items())
-            data["same_tokens_as_loraplex"] = f"{same}/{len(reference.outputs)}"
-        return data
-
-
-def mean_of_rounds(runs: list[SystemResult]) -> SystemResult:
-    """Repeated runs of one system as one result: mean seconds; latencies and outputs from the first round."""
-    first = runs[0]
-    extra = {
-        **first.extra,
-        "seconds_per_round": [round(r.seconds, 3) for r in runs],
-        "same_tokens_every_round": all(r.outputs == first.outputs for r in runs),
-    }
-    return dataclasses.replace(first, seconds=statistics.fmean(r.seconds for r in runs), extra=extra)
-
-
-def latency_summary(finish_offsets: list[float]) -> dict:
-    ordered = sorted(finish_offsets)
-    return {
-        "mean": round(statistics.fmean(ordered), 3),
-        "p50": round(ordered[len(ordered) // 2], 3),
-        "p99": round(ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))], 3),
-    }
-
-
-def check_counts(name: str, workload: list[BenchRequest], outputs: dict[str, list[int]]) -> int:
-    """Every request got exactly the tokens it asked for; returns the total. A miscount voids the run."""
-    for r in workload:
-        got = len(outputs.get(r.request_id, []))
-        if got != r.max_tokens:
-            raise RuntimeError(f"{name}: request {r.request_id} produced {got} tokens, asked for {r.max_tokens}")
-    return sum(r.max_tokens for r in workload)
-
-
-def run_loraplex(
-    engine: LLMEngine, workload: list[BenchRequest], name: str, description: str, endpoint: str | None = None
-) -> SystemResult:
-    """Submit every request at once and step the engine until all finish (``endpoint`` overrides each one's)."""
-    requests = [
-        Request(
-            r.request_id,
-            endpoint or r.endpoint,
-            list(r.prompt_token_ids),
-            SamplingParams(r.max_tokens, ignore_eos=True),
-        )
-        for r in workload
-    ]
-    engine.block_manager.reset_prefix_cache()  # a replayed workload must not reuse the previous run's K/V
-    steps, preemptions = engine.stats.steps_total, engine.stats.preemptions_total
-    start, start_monotonic = time.perf_counter(), time.monotonic()
-    results = engine.generate(requests)
-    seconds = time.perf_counter() - start
-    outputs = {rid: [t for out in outs for t in out.new_token_ids] for rid, outs in results.items()}
-    errors = [outs[-1].error for outs in results.values() if outs and outs[-1].finish_reason is FinishReason.ERROR]
-    if errors:
-        raise RuntimeError(f"{name}: {len(errors)} requests failed in the engine: {errors[0]}")
-    finals = [outs[-1] for outs in results.values()]
-    first_token = [o.prefill_done_time - start_monotonic for o in finals if o.prefill_done_time is not None]
-    return SystemResult(
-        name=name,
-        description=description,
-        tokens=check_counts(name, workload, outputs),
-        seconds=seconds,
-        threads=torch.get_num_threads(),
-        latency_s=latency_summary([o.finish_time - start_monotonic for o in finals]),
-        extra={
-            "time_to_first_token_s": latency_summary(first_token),
-            "engine_steps": engine.stats.steps_total - steps,
-            "preemptions": engine.stats.preemptions_total - preemptions,
-        },
-        outputs=outputs,
-    )
+def warm_engine(config: EngineConfig, warm: list[BenchRequest]) -> tuple[LLMEngine, ResidentMemory]:
+    """A new engine in a deployment of its own, warmed up on ``warm``."""
+    window = deployment()
+    engine = LLMEngine(config)
+    window.loaded()
+    run_loraplex(engine, warm, "warmup", "")
+    return engine, window
 
 
 def run_in_fresh_engine(
@@ -408,12 +177,9 @@ def run_in_fresh_engine(
 ) -> tuple[SystemResult, dict]:
     """One engine in a deployment of its own: load, warm up, one measured run. Returns the result and its
     memory (``engine_memory`` and the RSS growth); the engine is dropped."""
-    deployment = Deployment()
-    engine = LLMEngine(config)
-    deployment.loaded()
+    engine, window = warm_engine(config, warm)
     memory: dict = {}
-    run_loraplex(engine, warm, "warmup", "")
-    with deployment.measure(memory):
+    with window.measure(memory):
         result = run_loraplex(engine, workload, name, description)
     result.memory = {**engine_memory(engine, workload), **memory}
     return result, result.memory
@@ -423,6 +189,8 @@ def run_in_fresh_engine(
 
 
 def load_base(model_dir: Path) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
 
 
@@ -472,7 +240,7 @@ def run_peft_sequential(model: torch.nn.Module, workload: list[BenchRequest], pa
         tokens=check_counts(name, workload, outputs),
         seconds=seconds,
         threads=torch.get_num_threads(),
-        latency_s=latency_summary(finish),
+        latency_s=percentiles(finish),
         outputs=outputs,
     )
 
@@ -516,7 +284,7 @@ def run_peft_batched(
         tokens=tokens,
         seconds=seconds,
         threads=torch.get_num_threads(),
-        latency_s=latency_summary(finish),
+        latency_s=percentiles(finish),
         extra={"batch_size": batch_size, "tokens_computed_incl_padding": computed},
         outputs=outputs,
     )
@@ -570,7 +338,7 @@ def run_copies(
         tokens=check_counts(name, workload, outputs),
         seconds=max(per_copy.values()),
         threads=torch.get_num_threads(),
-        latency_s=latency_summary(finish),
+        latency_s=percentiles(finish),
         extra={
             "num_copies": len(copies),
             "per_copy_seconds": {k: round(v, 3) for k, v in per_copy.items()},
@@ -603,9 +371,8 @@ def run_kv_pool_sweep(
     points = []
     for fraction in fractions:
         blocks = max(-(-longest // limits.block_size), round(fraction * kv_blocks_needed(workload, limits.block_size)))
-        max_model_len = min(limits.max_model_len, blocks * limits.block_size)
-        sized = dataclasses.replace(
-            config, limits=dataclasses.replace(limits, num_kv_blocks=blocks, max_model_len=max_model_len)
+        sized = with_limits(
+            config, num_kv_blocks=blocks, max_model_len=min(limits.max_model_len, blocks * limits.block_size)
         )
         log(f"loraplex: KV pool of {blocks} blocks ({fraction:g} of the workload's need)")
         result, memory = run_in_fresh_engine(sized, workload, warm, f"kv-pool-{blocks}", "")
@@ -663,45 +430,6 @@ def kv_sweep_table(points: list[dict]) -> str:
 # ---- reporting -------------------------------------------------------------------------------------------------
 
 
-def source_revision() -> dict:
-    """The commit measured, and which engine files differed from it (others may be editing them)."""
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
-    changed = git("status", "--porcelain", "--", "loraplex", "adapters", "benchmarks/engine_throughput.py")
-    return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": changed.splitlines()}
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
-def machine_description(threads: int) -> dict:
-    import peft
-
-    return {
-        "cpu_model": cpu_model(),
-        "logical_cores": os.cpu_count(),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "torch_threads": threads,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "platform": platform.platform(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
-
-
 TARGETS = (  # (system, minimum loraplex speedup over it, what it means)
     ("peft-sequential", 10.0, "loraplex >= 10x transformers+PEFT one request at a time"),
     ("peft-batched", 2.0, "loraplex >= 2x PEFT static mixed-adapter batches"),
@@ -751,12 +479,8 @@ def markdown_table(results: dict[str, SystemResult]) -> str:
 
 
 def plot(results: dict[str, SystemResult], sweep: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(results)
+    plt = report.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [3, 3, 1.4]})
     tps = [results[n].tokens_per_s for n in names]
     bars = axes[0].barh(names, tps, color=["tab:green" if n.startswith("loraplex") else "tab:gray" for n in names])
@@ -783,28 +507,21 @@ def plot(results: dict[str, SystemResult], sweep: list[dict], path: Path, title:
         axes[2].set_ylabel("output tokens / s")
     else:
         axes[2].axis("off")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.save(fig, path, title)
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help=f"small workload for development and CI: {QUICK}")
+    parser = cli.parser(__doc__, f"{QUICK}")
     parser.add_argument("--skip", default="", help=f"comma-separated baselines to skip: {', '.join(BASELINES)}")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads for every system (0 = the config's)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON, markdown and plot")
     parser.add_argument("--batch-size", type=int, default=16, help="static batch size of baseline (b)")
     parser.add_argument(
         "--rounds", type=int, default=2, help="alternating runs of loraplex and base-only; each reports their mean"
     )
     parser.add_argument("--num-requests", type=int, help="override the workload's request count")
     parser.add_argument("--output-len", type=int, help="every request generates exactly this many tokens")
-    parser.add_argument("--num-kv-blocks", type=int, help="override limits.num_kv_blocks (KV pool size) of the engine")
     parser.add_argument(
         "--kv-fractions",
         type=lambda s: tuple(float(f) for f in s.split(",")),
@@ -812,9 +529,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated pool sizes of kv-sweep, as fractions of the workload's need (default "
         f"{','.join(f'{f:g}' for f in KV_POOL_FRACTIONS)}); each is one more engine",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--config", help="engine TOML config (default: the shipped one)")
-    args = parser.parse_args(argv)
+    args = cli.parse(parser, argv)
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     unknown = args.skip - set(BASELINES)
     if unknown:
@@ -831,47 +546,14 @@ def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
     return spec
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def engine_config(args: argparse.Namespace) -> tuple[EngineConfig, int]:
-    """The config of ``--config`` with ``--threads`` and ``--num-kv-blocks`` applied, and the torch threads (set
-    for this process too)."""
-    transformers.logging.set_verbosity_error()
-    config: EngineConfig = load_config(args.config)
-    threads = args.threads or config.model.num_threads or torch.get_num_threads()
-    config.model.num_threads = threads
-    if args.num_kv_blocks:
-        config.limits = dataclasses.replace(config.limits, num_kv_blocks=args.num_kv_blocks)
-    torch.set_num_threads(threads)
-    return config, threads
-
-
-def run_benchmark(args: argparse.Namespace) -> dict:
-    started = time.perf_counter()
-    config, threads = engine_config(args)
-    machine = machine_description(threads)
-    revision = source_revision()
-    model_dir, model_name, _ = resolve_model_dir(config.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    adapters = {e.name: e.adapter for e in config.endpoints if e.adapter}
-    spec = workload_spec(args)
-    workload = make_workload(tokenizer, list(adapters), spec)
-    warm = [dataclasses.replace(r, request_id=f"warm-{i}", max_tokens=2) for i, r in enumerate(workload[:4])]
-    log(f"workload: {describe_workload(workload, spec)}")
-    results: dict[str, SystemResult] = {}
-    memory: dict[str, dict] = {}
-    sweep: list[dict] = []
-
-    # loraplex: one engine, every adapter resident.
-    deployment = Deployment()
-    engine = LLMEngine(config)
-    deployment.loaded()
-    memory["loraplex"] = {}
-    run_loraplex(engine, warm, "warmup", "")
-    with deployment.measure(memory["loraplex"]):
+def run_engine_systems(
+    config: EngineConfig, workload: list[BenchRequest], warm: list[BenchRequest], args: argparse.Namespace
+) -> tuple[dict[str, SystemResult], dict[str, dict], list[dict]]:
+    """loraplex and base-only alternating on one engine, then the thread sweep on it; the results, their
+    memory and the sweep."""
+    engine, window = warm_engine(config, warm)
+    memory: dict = {}
+    with window.measure(memory):
         # Mixed and base-only alternate: on a shared VM the speed drifts by 10-20% over minutes, and the 0.85x
         # target compares these two, so each gets the mean of the same rounds.
         rounds: dict[str, list[SystemResult]] = {"loraplex": [], "base-only": []}
@@ -882,104 +564,127 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             )
             if "base-only" not in args.skip:
                 log(f"loraplex: base only (round {i + 1} of {args.rounds})")
-                rounds["base-only"].append(
-                    run_loraplex(
-                        engine,
-                        workload,
-                        "base-only",
-                        "loraplex, the same requests all on the base model",
-                        endpoint="base",
-                    )
-                )
-        results.update({name: mean_of_rounds(runs) for name, runs in rounds.items() if runs})
-    memory["loraplex"] = {**engine_memory(engine, workload), **memory["loraplex"]}
-    for name in ("loraplex", "base-only"):
-        if name in results:
-            results[name].memory = memory["loraplex"]
-    if "thread-sweep" not in args.skip:
-        for n in (1, 2):
-            if n == threads:
-                sweep.append(
-                    {"threads": n, "tokens": results["loraplex"].tokens, "seconds": results["loraplex"].seconds}
-                )
-                continue
-            log(f"loraplex: {n} torch threads")
-            torch.set_num_threads(n)
-            run_loraplex(engine, warm, "warmup", "")
-            r = run_loraplex(engine, workload, f"loraplex-{n}-threads", "")
-            sweep.append({"threads": n, "tokens": r.tokens, "seconds": r.seconds})
-            torch.set_num_threads(threads)
-        for s in sweep:
-            s["tokens_per_s"] = round(s["tokens"] / s["seconds"], 2)
-            s["seconds"] = round(s["seconds"], 3)
-    del engine
+                description = "loraplex, the same requests all on the base model"
+                rounds["base-only"].append(run_loraplex(engine, workload, "base-only", description, endpoint="base"))
+    results = {name: mean_of_rounds(runs) for name, runs in rounds.items() if runs}
+    memory = {**engine_memory(engine, workload), **memory}
+    for result in results.values():
+        result.memory = memory
+    sweep = [] if "thread-sweep" in args.skip else thread_sweep(engine, workload, warm, results["loraplex"])
+    return results, {"loraplex": memory}, sweep
 
-    variants = {  # one engine setting turned off: what that part of the engine is worth, same tokens or stop
-        "float32-weights": ("gguf_weights", "the kernels over float32 weights instead of the GGUF file's blocks"),
-        "unpacked": ("packed_weights", "torch's default CPU matmul"),
-        "torch-ops": ("cpu_kernels", "oneDNN, SDPA and the masked-dense LoRA op instead of the CPU kernels"),
+
+def thread_sweep(
+    engine: LLMEngine, workload: list[BenchRequest], warm: list[BenchRequest], reference: SystemResult
+) -> list[dict]:
+    """loraplex again with 1 and 2 torch threads (the reference's count is not run again)."""
+    threads, sweep = reference.threads, []
+    for n in (1, 2):
+        if n == threads:
+            sweep.append({"threads": n, "tokens": reference.tokens, "seconds": reference.seconds})
+            continue
+        log(f"loraplex: {n} torch threads")
+        torch.set_num_threads(n)
+        run_loraplex(engine, warm, "warmup", "")
+        r = run_loraplex(engine, workload, f"loraplex-{n}-threads", "")
+        sweep.append({"threads": n, "tokens": r.tokens, "seconds": r.seconds})
+        torch.set_num_threads(threads)
+    return [
+        {**s, "tokens_per_s": round(s["tokens"] / s["seconds"], 2), "seconds": round(s["seconds"], 3)} for s in sweep
+    ]
+
+
+VARIANTS = {  # one engine setting turned off: what that part of the engine is worth, same tokens or stop
+    "float32-weights": ("gguf_weights", "the kernels over float32 weights instead of the GGUF file's blocks"),
+    "unpacked": ("packed_weights", "torch's default CPU matmul"),
+    "torch-ops": ("cpu_kernels", "oneDNN, SDPA and the masked-dense LoRA op instead of the CPU kernels"),
+}
+
+
+def run_peft_systems(
+    model_dir: Path, adapters: dict[str, str], workload: list[BenchRequest], warm: list[BenchRequest], pad: int, args
+) -> tuple[dict[str, SystemResult], dict[str, dict]]:
+    """(a) and (b): one base with the three adapters loaded into PEFT."""
+    results, memory = {}, {}
+    window = deployment()
+    model = load_peft(model_dir, adapters)
+    window.loaded()
+    for r in warm:
+        peft_generate_one(model, r, pad)
+    assert len(peft_generate_batch(model, warm, pad)) == len(warm)
+    runs = {
+        "peft-sequential": ("(a) PEFT one request at a time", lambda: run_peft_sequential(model, workload, pad)),
+        "peft-batched": (
+            f"(b) PEFT static batches of {args.batch_size}",
+            lambda: run_peft_batched(model, workload, pad, args.batch_size),
+        ),
     }
-    for name, (setting, what) in variants.items():
+    for name, (what, run) in runs.items():
         if name in args.skip:
             continue
-        log(f"loraplex: model.{setting} = false ({what})")
-        changed = dataclasses.replace(config, model=dataclasses.replace(config.model, **{setting: False}))
-        description = f"loraplex with model.{setting} = false"
-        results[name], memory[name] = run_in_fresh_engine(changed, workload, warm, name, description)
+        log(what)
+        memory[name] = {"model_mb": round(model_bytes(model) / MB, 1)}
+        with window.measure(memory[name]):
+            results[name] = run()
+        results[name].memory = memory[name]
+    return results, memory
 
+
+def run_copies_system(
+    config: EngineConfig, model_dir: Path, workload: list[BenchRequest], warm: list[BenchRequest], pad: int
+) -> tuple[SystemResult, dict]:
+    """(c): one copy per endpoint, all resident at once as the pods would be."""
+    log("(c) one model copy per endpoint")
+    window = deployment()
+    copies = {e.name: load_copy(model_dir, e.adapter) for e in config.endpoints}
+    window.loaded()
+    memory = {
+        "model_mb": round(sum(model_bytes(m) for m in copies.values()) / MB, 1),
+        "per_copy_model_mb": round(model_bytes(next(iter(copies.values()))) / MB, 1),
+    }
+    with window.measure(memory):
+        result = run_copies(copies, workload, pad, lambda model: generate_plain(model, warm[0], pad))
+    result.memory = memory
+    return result, memory
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    config, threads = engine_config(args)
+    machine = machine_description(threads)
+    model_dir, model_name, _ = resolve_model_dir(config.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    adapters = {e.name: e.adapter for e in config.endpoints if e.adapter}
+    spec = workload_spec(args)
+    workload = make_workload(tokenizer, list(adapters), spec)
+    warm = [dataclasses.replace(r, request_id=f"warm-{i}", max_tokens=2) for i, r in enumerate(workload[:4])]
+    log(f"workload: {describe_workload(workload, spec)}")
+
+    results, memory, sweep = run_engine_systems(config, workload, warm, args)
+    for name, (setting, what) in VARIANTS.items():
+        if name not in args.skip:
+            log(f"loraplex: model.{setting} = false ({what})")
+            changed, description = with_model(config, **{setting: False}), f"loraplex with model.{setting} = false"
+            results[name], memory[name] = run_in_fresh_engine(changed, workload, warm, name, description)
     kv_points = []
     if "kv-sweep" not in args.skip:
         kv_points = run_kv_pool_sweep(config, workload, warm, results["loraplex"], args.kv_fractions)
-
-    # (a) and (b): one base with the three adapters loaded into PEFT.
     if {"peft-sequential", "peft-batched"} - args.skip:
-        deployment = Deployment()
-        model = load_peft(model_dir, adapters)
-        deployment.loaded()
-        for r in warm:
-            peft_generate_one(model, r, pad_token_id)
-        peft_batch = peft_generate_batch(model, warm, pad_token_id)
-        assert len(peft_batch) == len(warm)
-        model_mb = round(model_bytes(model) / MB, 1)
-        if "peft-sequential" not in args.skip:
-            log("(a) PEFT one request at a time")
-            memory["peft-sequential"] = {"model_mb": model_mb}
-            with deployment.measure(memory["peft-sequential"]):
-                results["peft-sequential"] = run_peft_sequential(model, workload, pad_token_id)
-            results["peft-sequential"].memory = memory["peft-sequential"]
-        if "peft-batched" not in args.skip:
-            log(f"(b) PEFT static batches of {args.batch_size}")
-            memory["peft-batched"] = {"model_mb": model_mb}
-            with deployment.measure(memory["peft-batched"]):
-                results["peft-batched"] = run_peft_batched(model, workload, pad_token_id, args.batch_size)
-            results["peft-batched"].memory = memory["peft-batched"]
-        del model
-
-    # (c): one copy per endpoint, all resident at once as the pods would be.
+        peft_results, peft_memory = run_peft_systems(model_dir, adapters, workload, warm, pad, args)
+        results.update(peft_results)
+        memory.update(peft_memory)
     if "copies" not in args.skip:
-        log("(c) one model copy per endpoint")
-        deployment = Deployment()
-        copies = {e.name: load_copy(model_dir, e.adapter) for e in config.endpoints}
-        deployment.loaded()
-        memory["copies"] = {
-            "model_mb": round(sum(model_bytes(m) for m in copies.values()) / MB, 1),
-            "per_copy_model_mb": round(model_bytes(next(iter(copies.values()))) / MB, 1),
-        }
-
-        def warmup(model: PreTrainedModel) -> None:
-            generate_plain(model, warm[0], pad_token_id)
-
-        with deployment.measure(memory["copies"]):
-            results["copies"] = run_copies(copies, workload, pad_token_id, warmup)
-        results["copies"].memory = memory["copies"]
-        del copies
+        results["copies"], memory["copies"] = run_copies_system(config, model_dir, workload, warm, pad)
     return_freed_memory()
 
     ref = results["loraplex"]
-    report = {
+    data = {
         "benchmark": "engine_throughput",
         "machine": machine,
-        "source": revision,
+        "source": source_revision(),
         "model": {"name": model_name, "dtype": config.model.dtype, "device": config.model.device},
         "engine_limits": dataclasses.asdict(config.limits),
         "workload": describe_workload(workload, spec),
@@ -992,31 +697,22 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "engine_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
     title = (
         f"{model_name} {config.model.dtype}, {len(workload)} requests ({', '.join(adapters)}), "
         f"{ref.tokens} output tokens — {machine['cpu_model']}, {threads} threads"
     )
-    (args.out / "engine_throughput.md").write_text(
-        f"# Engine throughput\n\n{title}\n\n{report['table']}\n\n"
-        + "\n".join(f"- {t['target']}: {t['measured']} ({'met' if t['met'] else 'missed'})" for t in report["targets"])
-        + (f"\n\n## KV pool size\n\n{kv_sweep_table(report['kv_pool_sweep'])}" if report["kv_pool_sweep"] else "")
-        + f"\n\nFull run took {report['wall_seconds']} s. Details: engine_throughput.json.\n"
+    markdown = (
+        f"# Engine throughput\n\n{title}\n\n{data['table']}\n\n"
+        + "\n".join(report.target_lines(data["targets"]))
+        + (f"\n\n## KV pool size\n\n{kv_sweep_table(data['kv_pool_sweep'])}" if data["kv_pool_sweep"] else "")
+        + f"\n\nFull run took {data['wall_seconds']} s. Details: engine_throughput.json.\n"
     )
-    plot(results, sweep, args.out / "engine_throughput.png", title)
-    return report
+    report.write(args.out, "engine_throughput", data, markdown, lambda path: plot(results, sweep, path, title))
+    return data
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    report = run_benchmark(args)
-    print()
-    print(report["table"])
-    for target in report["targets"]:
-        print(f"- {target['target']}: {target['measured']} ({'met' if target['met'] else 'missed'})")
-    print(f"\nwrote {args.out}/engine_throughput.{{json,md,png}} in {report['wall_seconds']} s")
-    return report
+    return run_benchmark(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -14,30 +14,18 @@ first token per engine, their ratio, and the share of prompt tokens the cache su
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "benchmarks"):  # run as a script from anywhere; engine_throughput's helpers
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from engine_throughput import cpu_model, source_revision, source_token_pool, with_kv_pool  # noqa: E402
-
-from loraplex.engine.core.config import load_config  # noqa: E402
-from loraplex.engine.core.engine import LLMEngine  # noqa: E402
-from loraplex.engine.core.sequence import Request, SamplingParams  # noqa: E402
-
-DEFAULT_OUT = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from benchmarks.harness import cli, report
+from benchmarks.harness.engine import engine_config, with_limits
+from benchmarks.harness.machine import machine_description, source_revision
+from benchmarks.harness.workload import source_token_pool
+from loraplex.engine.core.engine import LLMEngine
+from loraplex.engine.core.sequence import Request, SamplingParams
 
 
 def conversations(engine: LLMEngine, args: argparse.Namespace) -> list[tuple[str, list[list[int]]]]:
@@ -63,12 +51,9 @@ def ask(
 
 
 def run(args: argparse.Namespace) -> dict:
-    transformers.logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
-    config = with_kv_pool(load_config(), args.num_kv_blocks)
+    config, threads = engine_config(args)
     engines = {
-        name: LLMEngine(dataclasses.replace(config, limits=dataclasses.replace(config.limits, prefix_caching=on)))
-        for name, on in (("cached", True), ("uncached", False))
+        name: LLMEngine(with_limits(config, prefix_caching=on)) for name, on in (("cached", True), ("uncached", False))
     }
     ttft: dict[str, list[float]] = {name: [] for name in engines}
     for c, (endpoint, turns) in enumerate(conversations(engines["cached"], args)):
@@ -80,7 +65,7 @@ def run(args: argparse.Namespace) -> dict:
                     ttft[name].append(seconds)
             if tokens["cached"] != tokens["uncached"]:
                 raise RuntimeError(f"conversation {c} turn {t}: the two engines disagree")
-        print(f"conversation {c + 1} of {args.conversations} done", flush=True)
+        cli.log(f"conversation {c + 1} of {args.conversations} done")
     stats = engines["cached"].update_stats()
     medians = {name: round(statistics.median(v) * 1e3, 1) for name, v in ttft.items()}
     summary = {
@@ -88,17 +73,11 @@ def run(args: argparse.Namespace) -> dict:
         "uncached_over_cached": round(medians["uncached"] / medians["cached"], 2),
         "prompt_tokens_from_cache": round(stats.prefix_cache_hits_total / stats.prefix_cache_queries_total, 3),
     }
-    table = "\n".join(
-        [
-            "| prefix caching | median time to first token, turns 2+ (ms) |",
-            "| --- | ---: |",
-            f"| on | {medians['cached']} |",
-            f"| off | {medians['uncached']} |",
-        ]
-    )
+    header = ["prefix caching", "median time to first token, turns 2+ (ms)"]
+    table = report.table(header, [["on", medians["cached"]], ["off", medians["uncached"]]])
     return {
         "benchmark": "prefix_cache",
-        "machine": {"cpu_model": cpu_model(), "logical_cores": os.cpu_count(), "torch_threads": args.threads},
+        "machine": machine_description(threads),
         "source": source_revision(),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "summary": summary,
@@ -107,43 +86,29 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="2 conversations of 3 short turns, 4 new tokens each, KV pools of 32 blocks",
-    )
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--conversations", type=int, default=4)
-    parser.add_argument("--turns", type=int, default=6)
-    parser.add_argument("--context", type=int, default=600, help="tokens of the document each starts from")
-    parser.add_argument("--turn-len", type=int, default=40, help="tokens each turn adds")
-    parser.add_argument("--new-tokens", type=int, default=16, help="greedy tokens each turn asks for")
-    parser.add_argument(
-        "--num-kv-blocks", type=int, help="limits.num_kv_blocks of both engines (default: the config's)"
-    )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = parser.parse_args(argv)
-    if args.quick:
-        # one block of context and one per turn: turns 2 and 3 find all but their last block in the cache
-        args.conversations, args.turns, args.context, args.turn_len, args.new_tokens = 2, 3, 16, 16, 4
-        args.num_kv_blocks = args.num_kv_blocks or 32
-    return args
+    quick_help = "2 conversations of 3 short turns, 4 new tokens each, KV pools of 32 blocks"
+    parser = cli.parser(__doc__, quick_help, ("threads", "num_kv_blocks"), threads=2)
+    parser.add_argument("--conversations", type=int, help="conversations, one per endpoint in turn (default 4)")
+    parser.add_argument("--turns", type=int, help="turns of each (default 6)")
+    parser.add_argument("--context", type=int, help="tokens of the document each starts from (default 600)")
+    parser.add_argument("--turn-len", type=int, help="tokens each turn adds (default 40)")
+    parser.add_argument("--new-tokens", type=int, help="greedy tokens each turn asks for (default 16)")
+    full = {"conversations": 4, "turns": 6, "context": 600, "turn_len": 40, "new_tokens": 16}
+    # one block of context and one per turn: turns 2 and 3 find all but their last block in the cache
+    quick = {"conversations": 2, "turns": 3, "context": 16, "turn_len": 16, "new_tokens": 4, "num_kv_blocks": 32}
+    return cli.parse(parser, argv, full, quick)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    report = run(args)
-    s = report["summary"]
+    data = run(args)
+    s = data["summary"]
     text = (
-        f"# Prefix caching, a growing conversation\n\n{report['table']}\n\n"
+        f"# Prefix caching, a growing conversation\n\n{data['table']}\n\n"
         f"off ÷ on: {s['uncached_over_cached']}; prompt tokens from the cache: {s['prompt_tokens_from_cache']:.0%}\n"
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "prefix_cache.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "prefix_cache.md").write_text(text)
-    print(text)
-    return report
+    report.write(args.out, "prefix_cache", data, text)
+    return data
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ random logits over the default model's 49,152-token vocabulary with 200-token hi
 - openai: OpenAI's defaults (temperature 1, top_p 1, no penalties);
 - penalties: temperature 0.7, top_p 0.95, presence and frequency penalties 0.5.
 
-``--against REV`` also times ``engine/model/sampling.py`` as of git revision REV in the same process, alternating
-with the working tree's, so the two see the same machine.
+``--against REV`` also times ``loraplex/engine/model/sampling.py`` as of git revision REV (one with the
+``loraplex/`` layout) in the same process, alternating with the working tree's, so the two see the same machine.
 
     python benchmarks/sampler_step.py                          # results in benchmarks/results/
     python benchmarks/sampler_step.py --against HEAD~1 --out /tmp/sampler
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import os
 import statistics
 import subprocess
 import sys
@@ -29,18 +27,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "benchmarks"):  # run as a script from anywhere; engine_throughput's helpers
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+import torch
 
-import torch  # noqa: E402
-from engine_throughput import cpu_model, source_revision  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from benchmarks.harness import cli, report
+from benchmarks.harness.cli import ROOT
+from benchmarks.harness.machine import machine_description, source_revision
+from loraplex.engine.core.sequence import Request, SamplingParams, Sequence
+from loraplex.engine.model.sampling import Sampler
 
-from loraplex.engine.core.sequence import Request, SamplingParams, Sequence  # noqa: E402
-from loraplex.engine.model.sampling import Sampler  # noqa: E402
-
-DEFAULT_OUT = ROOT / "benchmarks" / "results"
+SAMPLING = "loraplex/engine/model/sampling.py"  # --against reads it at a revision that has this layout
 VOCAB = 49152
 HISTORY = 200
 PROFILES = {
@@ -66,7 +62,7 @@ def batch(profile: str, size: int, seed: int) -> tuple[torch.Tensor, list[Sequen
 def sampler_at(revision: str) -> Callable:
     """``Sampler`` from ``loraplex/engine/model/sampling.py`` as of ``revision``."""
     source = subprocess.run(
-        ["git", "show", f"{revision}:engine/model/sampling.py"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["git", "show", f"{revision}:{SAMPLING}"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
     folder = Path(tempfile.mkdtemp())
     (folder / "sampling_at_revision.py").write_text(source)
@@ -103,44 +99,32 @@ def run(args: argparse.Namespace) -> dict:
             row = {"profile": profile, "batch": size}
             row.update({f"{name}_ms": round(statistics.median(t) * 1e3, 2) for name, t in times.items()})
             rows.append(row)
-            print(row, flush=True)
+            cli.log(str(row))
     names = list(samplers)
-    header = "| params | batch | " + " | ".join(f"{n} ms" for n in names) + " |"
-    lines = [header, "| --- | ---: |" + " ---: |" * len(names)]
-    lines += [f"| {r['profile']} | {r['batch']} | " + " | ".join(str(r[f"{n}_ms"]) for n in names) + " |" for r in rows]
+    cells = [[r["profile"], r["batch"], *(r[f"{n}_ms"] for n in names)] for r in rows]
     return {
         "benchmark": "sampler_step",
-        "machine": {"cpu_model": cpu_model(), "logical_cores": os.cpu_count(), "torch_threads": args.threads},
+        "machine": machine_description(args.threads),
         "source": source_revision(),
         "settings": {"vocab": VOCAB, "history": HISTORY, "repeats": args.repeats, "against": args.against},
         "profiles": {name: vars(params) for name, params in PROFILES.items()},
         "rows": rows,
-        "table": "\n".join(lines),
+        "table": report.table(["params", "batch", *(f"{n} ms" for n in names)], cells),
     }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="batches 1,4, 2 repeats")
-    parser.add_argument("--against", default="", help="also time engine/model/sampling.py at this git revision")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = parser.parse_args(argv)
-    args.batches = [1, 4] if args.quick else [1, 8, 64, 128]
-    if args.quick:
-        args.repeats = 2
-    return args
+    parser = cli.parser(__doc__, "batches 1,4, 2 repeats", ("threads",), threads=2)
+    parser.add_argument("--against", default="", help=f"also time {SAMPLING} at this git revision")
+    parser.add_argument("--repeats", type=int, help="timed calls per profile and batch (default 7)")
+    return cli.parse(parser, argv, {"repeats": 7, "batches": [1, 8, 64, 128]}, {"repeats": 2, "batches": [1, 4]})
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    report = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sampler_step.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (args.out / "sampler_step.md").write_text(f"# Sampler time per step\n\n{report['table']}\n")
-    print(report["table"])
-    return report
+    data = run(args)
+    report.write(args.out, "sampler_step", data, f"# Sampler time per step\n\n{data['table']}\n")
+    return data
 
 
 if __name__ == "__main__":

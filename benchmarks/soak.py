@@ -31,9 +31,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
-import os
-import platform
 import random
 import statistics
 import sys
@@ -46,7 +43,12 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from benchmarks.harness import report
+from benchmarks.harness.cli import RESULTS, ROOT
+from benchmarks.harness.machine import load_average, machine_description
+from benchmarks.harness.memory import MB, rss_bytes
+
 MODELS = ("base", "chatbot", "code", "summarization")
 ABANDON_SHARE = 0.4
 ALLOWED_DRIFT_MIB = 64.0
@@ -58,10 +60,7 @@ ABORTS = {"disconnected": "disconnect", "timed out": "timeout"}  # outcome -> ab
 
 
 def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    return rss_bytes() / MB
 
 
 def _request(rng: random.Random) -> dict:
@@ -232,24 +231,20 @@ def soak(
     }
 
 
-def passed(report: dict) -> bool:
+def passed(data: dict) -> bool:
     """Zero leaks, drift within bound, no error of any class, and the server still answers afterwards."""
     return (
-        report["leaks"]["zero"]
-        and report["memory"]["within_bound"]
-        and report["totals"]["errors_total"] == 0
-        and report.get("ok_after", True)
+        data["leaks"]["zero"]
+        and data["memory"]["within_bound"]
+        and data["totals"]["errors_total"] == 0
+        and data.get("ok_after", True)
     )
 
 
-def plot(report: dict, path: Path) -> None:
+def plot(data: dict, path: Path) -> None:
     """RSS over elapsed minutes with the allowed-drift band; below it, each round's outcomes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rounds, memory = report["rounds"], report["memory"]
+    plt = report.pyplot()
+    rounds, memory = data["rounds"], data["memory"]
     minutes = [r["elapsed_min"] for r in rounds]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True, height_ratios=(2, 1))
     baseline, allowed = memory["baseline_rss_mib"], memory["allowed_drift_mib"]
@@ -263,9 +258,9 @@ def plot(report: dict, path: Path) -> None:
         top.plot([r["elapsed_min"] for r in bad], [r["rss_mib"] for r in bad], "x", color="red", ms=9, label="not idle")
     top.set_ylabel("resident memory (MiB)")
     top.set_title(
-        f"soak: {report['totals']['sent']} requests in {report['elapsed_min']:.1f} min, "
+        f"soak: {data['totals']['sent']} requests in {data['elapsed_min']:.1f} min, "
         f"drift {memory['drift_mib']:+.1f} MiB (allowed {allowed:g}), "
-        f"leaks: {'none' if report['leaks']['zero'] else 'YES'}"
+        f"leaks: {'none' if data['leaks']['zero'] else 'YES'}"
     )
     top.legend(loc="best", fontsize=8)
     top.grid(alpha=0.3)
@@ -280,23 +275,21 @@ def plot(report: dict, path: Path) -> None:
     bottom.set_xlabel("elapsed (minutes)")
     bottom.set_ylabel("requests per round")
     bottom.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.save(fig, path)
 
 
-def markdown(report: dict) -> str:
-    totals, memory, leaks, settings = report["totals"], report["memory"], report["leaks"], report["settings"]
+def markdown(data: dict) -> str:
+    totals, memory, leaks, settings = data["totals"], data["memory"], data["leaks"], data["settings"]
     aborted = totals["aborted"]
     errors = ", ".join(f"{name}: {n}" for name, n in totals["errors"].items()) or "none"
     final = ", ".join(f"{name} {n}" for name, n in leaks["final"].items())
     plot_name = Path(settings["out"]).with_suffix(".png").name
-    return f"""# Soak: {"PASS" if report["passed"] else "FAIL"}
+    return f"""# Soak: {"PASS" if data["passed"] else "FAIL"}
 
-`python benchmarks/soak.py {settings["command"]}` on {report["machine"]["date"]}: {report["machine"]["cpus"]} CPUs,
-load average {report["machine"]["load_average_at_start"]} at start and {report["machine"]["load_average_at_end"]}
-at the end, {settings["threads"]} torch threads, {settings["workers"]} client threads. {len(report["rounds"])}
-rounds of {settings["requests"]} requests in {report["elapsed_min"]:.1f} min, stopped by {report["stopped_by"]}.
+`python benchmarks/soak.py {settings["command"]}` on {data["machine"]["date"]}: {data["machine"]["logical_cores"]} CPUs,
+load average {data["machine"]["load_average_at_start"]} at start and {data["machine"]["load_average_at_end"]}
+at the end, {settings["threads"]} torch threads, {settings["workers"]} client threads. {len(data["rounds"])}
+rounds of {settings["requests"]} requests in {data["elapsed_min"]:.1f} min, stopped by {data["stopped_by"]}.
 
 | requests | count |
 | --- | ---: |
@@ -307,7 +300,7 @@ rounds of {settings["requests"]} requests in {report["elapsed_min"]:.1f} min, st
 | errors | {totals["errors_total"]} ({errors}) |
 
 Leaks (target: zero): rounds whose idle check failed: {leaks["rounds_not_idle"] or "none"}; at the end: {final}.
-The server answered a request after the soak: {report["ok_after"]}.
+The server answered a request after the soak: {data["ok_after"]}.
 
 Memory (RSS after `gc.collect`; server and clients share the process): {memory["rss_at_start_mib"]} MiB at the
 start, {memory["baseline_rss_mib"]} MiB after warm-up round {memory["baseline_round"]}, {memory["last_rss_mib"]} MiB
@@ -327,48 +320,28 @@ def main() -> None:
     parser.add_argument("--allowed-drift-mib", type=float, default=ALLOWED_DRIFT_MIB)
     parser.add_argument("--warmup-rounds", type=int, default=WARMUP_ROUNDS, help="the drift's baseline is after these")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "soak.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "soak.json", help="the JSON; .md and .png beside it")
     args = parser.parse_args()
     if args.rounds is None and args.duration is None:
         args.rounds = 10
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    sys.path.insert(0, str(ROOT / "tests"))
     from reliability_server import InProcessServer, config
 
-    machine = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "cpus": os.cpu_count(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-    }
+    machine = machine_description(args.threads)
     server = InProcessServer(config(model={"num_threads": args.threads}))
     try:
         duration_s = args.duration * 60 if args.duration is not None else None
-        report = soak(
-            server,
-            args.rounds,
-            args.requests,
-            args.seed,
-            args.workers,
-            print,
-            duration_s,
-            args.allowed_drift_mib,
-            args.warmup_rounds,
-        )
-        report["ok_after"] = server.ok()
+        bounds = (args.allowed_drift_mib, args.warmup_rounds)
+        data = soak(server, args.rounds, args.requests, args.seed, args.workers, print, duration_s, *bounds)
+        data["ok_after"] = server.ok()
     finally:
         server.stop()
-    machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    report["machine"] = machine
-    report["settings"] = vars(args) | {"out": str(args.out), "command": " ".join(sys.argv[1:])}
-    report["passed"] = passed(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    summary = markdown(report)
-    args.out.with_suffix(".md").write_text(summary)
-    plot(report, args.out.with_suffix(".png"))
-    print(summary)
-    if not report["passed"]:
+    machine["load_average_at_end"] = load_average()
+    data["machine"] = machine
+    data["settings"] = vars(args) | {"out": str(args.out), "command": " ".join(sys.argv[1:])}
+    data["passed"] = passed(data)
+    report.write(args.out.parent, args.out.stem, data, markdown(data), lambda path: plot(data, path))
+    if not data["passed"]:
         sys.exit(1)
 
 

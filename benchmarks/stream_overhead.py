@@ -19,49 +19,26 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import dataclasses
 import itertools
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "benchmarks"):  # run as a script from anywhere; http_load's helpers
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from benchmarks.harness import cli, report
+from benchmarks.harness.engine import engine_config, median_decode_step, with_limits
+from benchmarks.harness.machine import machine_description, source_revision
+from benchmarks.harness.servers import Servers, loraplex_deployment
+from loraplex.engine.core.engine import LLMEngine
 
-import httpx  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from engine_throughput import cpu_model, source_revision, with_kv_pool  # noqa: E402
-from http_load import Servers, loraplex_deployment  # noqa: E402
-
-from loraplex.engine.core.config import load_config  # noqa: E402
-from loraplex.engine.core.engine import LLMEngine  # noqa: E402
-from loraplex.engine.core.sequence import Request, SamplingParams  # noqa: E402
-
-DEFAULT_OUT = ROOT / "benchmarks" / "results"
 ENDPOINT = "chatbot"
 # code, sent raw: greedy decoding runs on for the tokens asked (a chat prompt may end at once)
 PROMPT = 'import argparse\n\n\ndef build_parser() -> argparse.ArgumentParser:\n    """The tool\'s command line."""\n'
-
-
-def engine_step_seconds(engine: LLMEngine, prompt_ids: list[int], tokens: int, tag: str) -> float:
-    """Median decode step of one request alone in the in-process engine."""
-    engine.add_request(Request(tag, ENDPOINT, prompt_ids, SamplingParams(max_tokens=tokens, ignore_eos=True)))
-    engine.step()  # prefill and first token
-    steps = []
-    while engine.has_unfinished():
-        start = time.perf_counter()
-        engine.step()
-        steps.append(time.perf_counter() - start)
-    return statistics.median(steps)
 
 
 def server_seconds(url: str, tokens: int) -> tuple[float, float, int]:
@@ -87,15 +64,12 @@ def server_seconds(url: str, tokens: int) -> tuple[float, float, int]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    transformers.logging.set_verbosity_error()
-    config = load_config()
+    config, threads = engine_config(args)
     # as the server's deployment: the same prompt every round must be computed again, not reused
-    config = dataclasses.replace(config, limits=dataclasses.replace(config.limits, prefix_caching=False))
-    config = with_kv_pool(config, args.num_kv_blocks)  # the server's too
-    torch.set_num_threads(args.threads)
+    config = with_limits(config, prefix_caching=False)
     rows = []
     with tempfile.TemporaryDirectory() as folder, concurrent.futures.ThreadPoolExecutor(1) as starter:
-        servers = Servers(loraplex_deployment(config, args.threads, request_timeout=600.0), Path(folder))
+        servers = Servers(loraplex_deployment(config, threads, 600.0, Path(folder)), Path(folder))
         started = starter.submit(servers.start)  # the server loads in its process while this one loads
         try:
             engine = LLMEngine(config)
@@ -103,10 +77,10 @@ def run(args: argparse.Namespace) -> dict:
             started.result()
             url = servers.urls()[ENDPOINT]
             server_seconds(url, 4)  # warm-up: first-request costs are not per-token costs
-            engine_step_seconds(engine, prompt_ids, 4, "warm-up")
+            median_decode_step(engine, "warm-up", ENDPOINT, prompt_ids, 4)
             for round_index in range(args.rounds):
                 server_step, client_gap, count = server_seconds(url, args.tokens)
-                step = engine_step_seconds(engine, prompt_ids, args.tokens, f"round-{round_index}")
+                step = median_decode_step(engine, f"round-{round_index}", ENDPOINT, prompt_ids, args.tokens)
                 rows.append(
                     {
                         "engine_ms": round(step * 1e3, 1),
@@ -115,74 +89,49 @@ def run(args: argparse.Namespace) -> dict:
                         "tokens": count,
                     }
                 )
-                print(f"round {round_index + 1} of {args.rounds}: {rows[-1]}", flush=True)
+                cli.log(f"round {round_index + 1} of {args.rounds}: {rows[-1]}")
         finally:
             concurrent.futures.wait([started])  # every process it starts, started before they are stopped
             servers.stop()
-    medians = {key: statistics.median(r[key] for r in rows) for key in ("engine_ms", "server_step_ms", "client_gap_ms")}
+    keys = ("engine_ms", "server_step_ms", "client_gap_ms")
+    medians = {key: statistics.median(r[key] for r in rows) for key in keys}
     summary = {
         **medians,
         "server_step_over_engine": round(medians["server_step_ms"] / medians["engine_ms"], 3),
         "client_gap_over_engine": round(medians["client_gap_ms"] / medians["engine_ms"], 3),
     }
-    table = "\n".join(
-        [
-            "| round | engine ms/step | server ms/token | client gap ms |",
-            "| ---: | ---: | ---: | ---: |",
-            *(
-                f"| {i + 1} | {r['engine_ms']} | {r['server_step_ms']} | {r['client_gap_ms']} |"
-                for i, r in enumerate(rows)
-            ),
-            f"| **median** | {medians['engine_ms']} | {medians['server_step_ms']} | {medians['client_gap_ms']} |",
-        ]
-    )
+    cells = [[i + 1, *(r[k] for k in keys)] for i, r in enumerate(rows)] + [["**median**", *medians.values()]]
     return {
         "benchmark": "stream_overhead",
-        "machine": {"cpu_model": cpu_model(), "logical_cores": os.cpu_count(), "torch": torch.__version__},
+        "machine": machine_description(threads),
         "source": source_revision(),
         "settings": {
             "endpoint": ENDPOINT,
             "tokens": args.tokens,
             "rounds": args.rounds,
-            "threads": args.threads,
+            "threads": threads,
             "num_kv_blocks": config.limits.num_kv_blocks,
         },
         "rows": rows,
         "summary": summary,
-        "table": table,
+        "table": report.table(["round", "engine ms/step", "server ms/token", "client gap ms"], cells, "rrrr"),
     }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 rounds of 6 tokens, KV pools of 32 blocks")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tokens", type=int, default=40)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument(
-        "--num-kv-blocks", type=int, help="limits.num_kv_blocks of the engine and the server (default: the config's)"
-    )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.tokens, args.rounds = 6, 2
-        args.num_kv_blocks = args.num_kv_blocks or 32
-    return args
+    parser = cli.parser(__doc__, "2 rounds of 6 tokens, KV pools of 32 blocks", ("threads", "num_kv_blocks"), 2)
+    parser.add_argument("--tokens", type=int, help="greedy tokens per request (default 40)")
+    parser.add_argument("--rounds", type=int, help="rounds, one request each to the server and the engine (6)")
+    return cli.parse(parser, argv, {"tokens": 40, "rounds": 6}, {"tokens": 6, "rounds": 2, "num_kv_blocks": 32})
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    report = run(args)
-    s = report["summary"]
-    lines = [
-        f"server ÷ engine: {s['server_step_over_engine']} (steps), {s['client_gap_over_engine']} (client gaps)",
-    ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "stream_overhead.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = f"# Streaming overhead, one request\n\n{report['table']}\n\n" + "\n".join(lines) + "\n"
-    (args.out / "stream_overhead.md").write_text(text)
-    print(text)
-    return report
+    data = run(args)
+    s = data["summary"]
+    line = f"server ÷ engine: {s['server_step_over_engine']} (steps), {s['client_gap_over_engine']} (client gaps)"
+    report.write(args.out, "stream_overhead", data, f"# Streaming overhead, one request\n\n{data['table']}\n\n{line}\n")
+    return data
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import sys
 import time
@@ -43,23 +42,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import jsonschema
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "benchmarks"):  # run as a script from anywhere; benchmarks/ is not a package
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from benchmarks.harness import cli, report
+from benchmarks.harness.cli import log
+from benchmarks.harness.engine import check_counts, engine_config
+from benchmarks.harness.machine import load_average, machine_description, source_revision
+from benchmarks.harness.stats import summary
+from benchmarks.harness.workload import FULL, BenchRequest, WorkloadSpec, describe_workload, make_workload
+from loraplex.engine.core.engine import LLMEngine, RequestOutput
+from loraplex.engine.core.sequence import FinishReason, Guide, GuideKind, Request, SamplingParams
 
-import engine_throughput as et  # noqa: E402
-import jsonschema  # noqa: E402
-import torch  # noqa: E402
-
-from loraplex.engine.core.engine import LLMEngine, RequestOutput  # noqa: E402
-from loraplex.engine.core.sequence import FinishReason, Guide, GuideKind, Request, SamplingParams  # noqa: E402
-
-DEFAULT_OUT = ROOT / "benchmarks" / "results"
-QUICK = et.WorkloadSpec(num_requests=4, prompt_len=(16, 48), output_len=(4, 12))
+QUICK = WorkloadSpec(num_requests=4, prompt_len=(16, 48), output_len=(4, 12))
 TARGET_RATIO = 0.9  # issue 22: constrained throughput at least 0.9x the same workload unconstrained
 
 
@@ -183,7 +179,7 @@ class RunResult:
 
 
 def run_workload(
-    engine: LLMEngine, probe: StepProbe, workload: list[et.BenchRequest], guides: dict[str, Guide], name: str
+    engine: LLMEngine, probe: StepProbe, workload: list[BenchRequest], guides: dict[str, Guide], name: str
 ) -> RunResult:
     """Submit every request at once (``guides``: request id -> its guide) and step the engine until all finish."""
     engine.block_manager.reset_prefix_cache()  # a replayed workload must not reuse the previous run's K/V
@@ -204,7 +200,7 @@ def run_workload(
         raise RuntimeError(f"{name}: {len(errors)} requests failed in the engine: {errors[0]}")
     outputs = {rid: [t for out in outs for t in out.new_token_ids] for rid, outs in results.items()}
     free = [r for r in workload if r.request_id not in guides]
-    et.check_counts(name, free, outputs)  # an unconstrained request always runs to its max_tokens
+    check_counts(name, free, outputs)  # an unconstrained request always runs to its max_tokens
     return RunResult(
         name=name,
         tokens=sum(len(tokens) for tokens in outputs.values()),
@@ -254,28 +250,17 @@ def check_constrained(run: RunResult, guided: list[str], schema_dict: dict) -> d
     }
 
 
-def ms_summary(seconds: list[float], scale: float = 1e3) -> dict:
-    """Median, mean and count of durations (in ms by default; ``scale`` 1e6 for µs)."""
-    if not seconds:
-        return {"n": 0}
-    return {
-        "median": round(scale * statistics.median(seconds), 3),
-        "mean": round(scale * statistics.fmean(seconds), 3),
-        "n": len(seconds),
-    }
-
-
 def mask_costs(runs: list[RunResult]) -> dict:
     """The masks' fill (per row, and per step), the part of it the step waited for, and their apply."""
     steps = [s for run in runs for s in run.steps if s.guided_rows]
     return {
         "steps_with_masks": len(steps),
-        "guided_rows_per_step": ms_summary([s.guided_rows for s in steps], scale=1),
-        "fill_us_per_row": ms_summary([s.fill_seconds / s.guided_rows for s in steps], scale=1e6),
-        "fill_ms_per_step": ms_summary([s.fill_seconds for s in steps]),
-        "fill_ms_past_forward_per_step": ms_summary([s.exposed_fill_seconds for s in steps]),
-        "apply_ms_per_step": ms_summary([s.apply_seconds for s in steps]),
-        "step_ms_with_masks": ms_summary([s.seconds for s in steps]),
+        "guided_rows_per_step": summary([s.guided_rows for s in steps], scale=1),
+        "fill_us_per_row": summary([s.fill_seconds / s.guided_rows for s in steps], scale=1e6),
+        "fill_ms_per_step": summary([s.fill_seconds for s in steps]),
+        "fill_ms_past_forward_per_step": summary([s.exposed_fill_seconds for s in steps]),
+        "apply_ms_per_step": summary([s.apply_seconds for s in steps]),
+        "step_ms_with_masks": summary([s.seconds for s in steps]),
         "note": "fill runs on the grammar worker thread during the forward; fill_ms_past_forward is the part of "
         "it that ran on after the forward had finished, which the step waited for; apply is in the sampler",
     }
@@ -309,7 +294,7 @@ def compile_times(engine: LLMEngine, trials: int) -> dict:
         guide = json_schema_guide(schema(f"title_{i}"))
         new.append(time_call(lambda guide=guide: engine.grammars.compile(guide)))
         cached.append(time_call(lambda guide=guide: engine.grammars.compile(guide)))
-    new_ms, cached_ms = ms_summary(new), ms_summary(cached)
+    new_ms, cached_ms = summary(new), summary(cached)
     return {
         "new_schema_ms": new_ms,
         "cached_schema_ms": cached_ms,
@@ -321,23 +306,14 @@ def compile_times(engine: LLMEngine, trials: int) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help=f"for development and CI: {QUICK}, 1 round")
+    parser = cli.parser(__doc__, f"{QUICK}, 1 round, 3 compile trials")
     parser.add_argument("--rounds", type=int, help="alternating unconstrained / constrained rounds (default 3)")
     parser.add_argument("--compile-trials", type=int, help="new schemas compiled, each then again cached (20)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = the config's)")
-    parser.add_argument("--num-kv-blocks", type=int, help="override limits.num_kv_blocks (KV pool size)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--config", help="engine TOML config (default: the shipped one)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON and markdown")
-    args = parser.parse_args(argv)
-    args.rounds = args.rounds or (1 if args.quick else 3)
-    args.compile_trials = args.compile_trials or (3 if args.quick else 20)
-    return args
+    return cli.parse(parser, argv, full={"rounds": 3, "compile_trials": 20}, quick={"rounds": 1, "compile_trials": 3})
 
 
-def markdown(report: dict) -> str:
-    runs = report["runs"]
+def markdown(data: dict) -> str:
+    runs = data["runs"]
     lines = [
         "| run (median round) | tok/s | output tokens | steps | mean step ms | median decode step ms | rows / step |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -348,8 +324,8 @@ def markdown(report: dict) -> str:
             f"| {name} | {r['tokens_per_s']} | {r['tokens']} | {r['steps']} | {r['mean_step_ms']} "
             f"| {r['median_decode_step_ms']} | {r['mean_rows_per_decode_step']} |"
         )
-    ratio, step_ratio, compiles = report["ratios"], report["decode_step_ratio"], report["compile"]
-    masks, check = report["masks"], report["constrained_outputs"]
+    ratio, step_ratio, compiles = data["ratios"], data["decode_step_ratio"], data["compile"]
+    masks, check = data["masks"], data["constrained_outputs"]
     lines += [
         "",
         f"- throughput, constrained / unconstrained: {ratio['median']} (rounds: {ratio['per_round']}; "
@@ -371,15 +347,15 @@ def markdown(report: dict) -> str:
 
 def run_benchmark(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
-    config, threads = et.engine_config(args)
-    machine = et.machine_description(threads)
+    config, threads = engine_config(args)
+    machine = machine_description(threads)
     engine = LLMEngine(config)
     first_use = first_use_on_new_engine(engine)
-    et.log(f"first guide on a new engine: {first_use}")
+    log(f"first guide on a new engine: {first_use}")
 
-    spec = dataclasses.replace(QUICK if args.quick else et.FULL, seed=args.seed)
+    spec = dataclasses.replace(QUICK if args.quick else FULL, seed=args.seed)
     adapters = [e.name for e in config.endpoints if e.adapter]
-    workload = et.make_workload(engine.tokenizer, adapters, spec)
+    workload = make_workload(engine.tokenizer, adapters, spec)
     guide = json_schema_guide(SCHEMA)
     guided = [r.request_id for r in workload[1::2]]
     guides = dict.fromkeys(guided, guide)
@@ -392,7 +368,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         order = ["unconstrained", "constrained"] if i % 2 == 0 else ["constrained", "unconstrained"]
         runs = {}
         for name in order:
-            et.log(f"{name} (round {i + 1} of {args.rounds})")
+            log(f"{name} (round {i + 1} of {args.rounds})")
             runs[name] = run_workload(engine, probe, workload, guides if name == "constrained" else {}, name)
         rounds.append(runs)
     compiles = {**first_use, **compile_times(engine, args.compile_trials)}
@@ -416,14 +392,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             **median_run.summary(),
             "tokens_per_s_per_round": [round(r.tokens_per_s, 2) for r in per_round],
         }
-    report = {
+    data = {
         "benchmark": "structured_output",
         "machine": machine,
-        "source": et.source_revision(),
+        "source": source_revision(),
         "model": {"name": engine.model_name, "dtype": config.model.dtype, "device": config.model.device},
         "engine_limits": dataclasses.asdict(config.limits),
         "workload": {
-            **et.describe_workload(workload, spec),
+            **describe_workload(workload, spec),
             "constrained": f"every other request in arrival order ({len(guided)} of {len(workload)}), greedy, "
             "EOS ignored (a constrained request ends when its JSON closes)",
         },
@@ -451,32 +427,25 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 "met": statistics.median(throughput) >= TARGET_RATIO,
             }
         ],
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "load_average_at_end": load_average(),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    report["table"] = markdown(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "structured_output.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    data["table"] = markdown(data)
     title = (
         f"{engine.model_name} {config.model.dtype}, {len(workload)} requests ({', '.join(adapters)}), "
         f"{len(guided)} constrained by a JSON schema — {machine['cpu_model']}, {threads} threads"
     )
-    (args.out / "structured_output.md").write_text(
-        f"# Structured output\n\n{title}\n\n{report['table']}\n\nDetails: structured_output.json.\n"
-    )
-    return report
+    text = f"# Structured output\n\n{title}\n\n{data['table']}\n\nDetails: structured_output.json.\n"
+    report.write(args.out, "structured_output", data, text)
+    return data
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    report = run_benchmark(args)
-    print()
-    print(report["table"])
-    print(f"\nwrote {args.out}/structured_output.{{json,md}} in {report['wall_seconds']} s")
-    failures = report["constrained_outputs"]["failures"]
+    data = run_benchmark(parse_args(argv))
+    failures = data["constrained_outputs"]["failures"]
     if failures:
         raise SystemExit(f"{len(failures)} constrained outputs do not validate: {failures[0]}")
-    return report
+    return data
 
 
 if __name__ == "__main__":
