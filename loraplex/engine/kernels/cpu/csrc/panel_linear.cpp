@@ -15,8 +15,9 @@
 // each 256-deep slice of a panel in float32 in an L1 buffer, exactly the values gguf's dequantization gives,
 // and runs the same tile code over it, so its outputs equal panel_linear's on the dequantized weight to the
 // bit while it reads 6 bits a weight from memory instead of 32. Up to 6 rows (one tile: a decode step of a few
-// sequences) it rebuilds the weights in registers as the tile's k loop reaches them instead (q4_tile), with the
-// same values and the same fused multiply-adds in the same order, so the same bits.
+// sequences) it rebuilds the weights in registers as the tile's k loop reaches them instead (q4_tile, one or two
+// rows over several panels at once), with the same values and the same fused multiply-adds in the same order,
+// so the same bits.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -265,73 +266,106 @@ inline i32x8 widen8(const uint8_t* bytes) {
 }
 inline f8 rebuild8(i32x8 codes, f8 scale, f8 minimum) { return scale * __builtin_convertvector(codes, f8) + minimum; }
 
-// rows x 16 tile over one slice of a 4-bit panel, its weights rebuilt in registers as the k loop reaches them.
-// With one tile of rows, rebuilding the slice into scratch and reading it back cost more than the arithmetic
-// (a decode step of one sequence was mostly that). The weights are the values dequantize_slice writes (scale *
-// code is exact, so the fused or separate add rounds the same), and each row's sums take the same fused
+// rows x (16 x Panels) tile over one slice of 4-bit panels, their weights rebuilt in registers as the k loop
+// reaches them. With one tile of rows, rebuilding the slice into scratch and reading it back cost more than the
+// arithmetic (a decode step of one sequence was mostly that). The weights are the values dequantize_slice writes
+// (scale * code is exact, so the fused or separate add rounds the same), and each row's sums take the same fused
 // multiply-adds in the same k order as ``tile`` over the rebuilt slice, then the same store: the same bits, so a
-// row's result still does not depend on how many rows share its step.
-// Both tiles update their sums through fma8: -ffast-math paired this one's two k per code byte before adding
-// them (a different rounding) when the updates were written as plain arithmetic.
-template <int Rows>
+// row's result still does not depend on how many rows share its step. Both tiles update their sums through
+// fma8: -ffast-math paired this one's two k per code byte before adding them (a different rounding) when the
+// updates were written as plain arithmetic.
+//
+// Each sum is one chain of multiply-adds, each waiting on the one before: with one or two rows a single panel
+// gives the core two or four chains, too few to hide the latency, so such tiles take several panels side by side
+// (``Panels``), each with its own chains; every sum is still taken in the same order. ``panel_codes`` and
+// ``panel_blocks`` step from one panel to the next in the codes and in the scales and minimums.
+template <int Rows, int Panels>
 inline void q4_tile(const float* x, int64_t ldx, const uint8_t* codes, const float* scales, const float* minimums,
-                    int64_t depth, float* y, int64_t ldy, int64_t cols, bool accumulate) {
-  f8 lo[Rows], hi[Rows];
+                    int64_t panel_codes, int64_t panel_blocks, int64_t depth, float* y, int64_t ldy, int64_t cols,
+                    bool accumulate) {
+  f8 lo[Panels][Rows], hi[Panels][Rows];
 #pragma GCC unroll 8
-  for (int i = 0; i < Rows; ++i) lo[i] = hi[i] = f8{};
+  for (int q = 0; q < Panels; ++q)
+#pragma GCC unroll 8
+    for (int i = 0; i < Rows; ++i) lo[q][i] = hi[q][i] = f8{};
   for (int64_t b = 0; b < depth / kBlock; ++b) {
-    const f8 scale_lo = load8(scales + b * kCols), scale_hi = load8(scales + b * kCols + 8);
-    const f8 min_lo = load8(minimums + b * kCols), min_hi = load8(minimums + b * kCols + 8);
     for (int64_t j = 0; j < kBlock / 2; ++j) {
-      const uint8_t* pair = codes + (b * kBlock / 2 + j) * kCols;  // one byte per column: the codes of two k
-      const i32x8 codes_lo = widen8(pair), codes_hi = widen8(pair + 8);
       const int64_t k = b * kBlock + 2 * j;
-      const f8 even_lo = rebuild8(codes_lo & 0x0F, scale_lo, min_lo), even_hi = rebuild8(codes_hi & 0x0F, scale_hi, min_hi);
 #pragma GCC unroll 8
-      for (int i = 0; i < Rows; ++i) {
-        const f8 xv = broadcast8(x[i * ldx + k]);
-        lo[i] = fma8(xv, even_lo, lo[i]);
-        hi[i] = fma8(xv, even_hi, hi[i]);
-      }
-      const f8 odd_lo = rebuild8(codes_lo >> 4, scale_lo, min_lo), odd_hi = rebuild8(codes_hi >> 4, scale_hi, min_hi);
+      for (int q = 0; q < Panels; ++q) {
+        const float* scale = scales + q * panel_blocks + b * kCols;
+        const float* minimum = minimums + q * panel_blocks + b * kCols;
+        const f8 scale_lo = load8(scale), scale_hi = load8(scale + 8);
+        const f8 min_lo = load8(minimum), min_hi = load8(minimum + 8);
+        // one byte per column: the codes of two k
+        const uint8_t* pair = codes + q * panel_codes + (b * kBlock / 2 + j) * kCols;
+        const i32x8 codes_lo = widen8(pair), codes_hi = widen8(pair + 8);
+        const f8 even_lo = rebuild8(codes_lo & 0x0F, scale_lo, min_lo);
+        const f8 even_hi = rebuild8(codes_hi & 0x0F, scale_hi, min_hi);
 #pragma GCC unroll 8
-      for (int i = 0; i < Rows; ++i) {
-        const f8 xv = broadcast8(x[i * ldx + k + 1]);
-        lo[i] = fma8(xv, odd_lo, lo[i]);
-        hi[i] = fma8(xv, odd_hi, hi[i]);
+        for (int i = 0; i < Rows; ++i) {
+          const f8 xv = broadcast8(x[i * ldx + k]);
+          lo[q][i] = fma8(xv, even_lo, lo[q][i]);
+          hi[q][i] = fma8(xv, even_hi, hi[q][i]);
+        }
+        const f8 odd_lo = rebuild8(codes_lo >> 4, scale_lo, min_lo), odd_hi = rebuild8(codes_hi >> 4, scale_hi, min_hi);
+#pragma GCC unroll 8
+        for (int i = 0; i < Rows; ++i) {
+          const f8 xv = broadcast8(x[i * ldx + k + 1]);
+          lo[q][i] = fma8(xv, odd_lo, lo[q][i]);
+          hi[q][i] = fma8(xv, odd_hi, hi[q][i]);
+        }
       }
     }
   }
-  store_tile<Rows>(lo, hi, y, ldy, cols, accumulate);
+#pragma GCC unroll 8
+  for (int q = 0; q < Panels; ++q) store_tile<Rows>(lo[q], hi[q], y + q * kCols, ldy, q + 1 < Panels ? kCols : cols, accumulate);
 }
 
-// y = x @ W.T for at most one tile of rows (a decode step of up to 6 sequences), panel by panel with q4_tile.
-at::Tensor few_rows_q4(const at::Tensor& x, const uint8_t* cs, const float* ss, const float* ms, int64_t depth,
-                       int64_t panels, int64_t out_features) {
-  const int64_t rows = x.size(0);
-  at::Tensor y = at::empty({rows, out_features}, x.options());
-  const float* xs = x.data_ptr<float>();
-  float* ys = y.data_ptr<float>();
-  loraplex::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
+// y = x @ W.T for at most one tile of rows (a decode step of up to 6 sequences), with q4_tile: one or two rows take
+// groups of 4 or 2 panels (the last panel, maybe narrower than 16 columns, on its own), more rows one panel.
+template <int Rows>
+void few_rows_over_panels(const float* xs, const uint8_t* cs, const float* ss, const float* ms, int64_t depth,
+                          int64_t panels, int64_t out_features, float* ys) {
+  constexpr int kGroup = Rows == 1 ? 4 : Rows == 2 ? 2 : 1;
+  const int64_t full = (panels - 1) / kGroup, jobs = full + 1 + (panels - 1) % kGroup;  // groups, then singles
+  const int64_t panel_codes = depth / 2 * kCols, panel_blocks = depth / kBlock * kCols;
+  loraplex::parallel_for(0, jobs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const bool group = job < full;
+      const int64_t p = group ? job * kGroup : full * kGroup + (job - full);
       const int64_t cols = std::min(kCols, out_features - p * kCols);
       for (int64_t k0 = 0; k0 < depth; k0 += kDepth) {
         const int64_t slice_depth = std::min(kDepth, depth - k0), block0 = (p * depth + k0) / kBlock;
         const uint8_t* codes = cs + (p * depth + k0) / 2 * kCols;
         const float *scales = ss + block0 * kCols, *minimums = ms + block0 * kCols;
         float* out = ys + p * kCols;
-        const bool accumulate = k0 > 0;
-        switch (rows) {
-          case 6: q4_tile<6>(xs + k0, depth, codes, scales, minimums, slice_depth, out, out_features, cols, accumulate); break;
-          case 5: q4_tile<5>(xs + k0, depth, codes, scales, minimums, slice_depth, out, out_features, cols, accumulate); break;
-          case 4: q4_tile<4>(xs + k0, depth, codes, scales, minimums, slice_depth, out, out_features, cols, accumulate); break;
-          case 3: q4_tile<3>(xs + k0, depth, codes, scales, minimums, slice_depth, out, out_features, cols, accumulate); break;
-          case 2: q4_tile<2>(xs + k0, depth, codes, scales, minimums, slice_depth, out, out_features, cols, accumulate); break;
-          default: q4_tile<1>(xs + k0, depth, codes, scales, minimums, slice_depth, out, out_features, cols, accumulate); break;
+        if (group) {
+          q4_tile<Rows, kGroup>(xs + k0, depth, codes, scales, minimums, panel_codes, panel_blocks, slice_depth, out,
+                                out_features, kCols, k0 > 0);
+        } else {
+          q4_tile<Rows, 1>(xs + k0, depth, codes, scales, minimums, panel_codes, panel_blocks, slice_depth, out,
+                           out_features, cols, k0 > 0);
         }
       }
     }
   });
+}
+
+at::Tensor few_rows_q4(const at::Tensor& x, const uint8_t* cs, const float* ss, const float* ms, int64_t depth,
+                       int64_t panels, int64_t out_features) {
+  const int64_t rows = x.size(0);
+  at::Tensor y = at::empty({rows, out_features}, x.options());
+  const float* xs = x.data_ptr<float>();
+  float* ys = y.data_ptr<float>();
+  switch (rows) {
+    case 6: few_rows_over_panels<6>(xs, cs, ss, ms, depth, panels, out_features, ys); break;
+    case 5: few_rows_over_panels<5>(xs, cs, ss, ms, depth, panels, out_features, ys); break;
+    case 4: few_rows_over_panels<4>(xs, cs, ss, ms, depth, panels, out_features, ys); break;
+    case 3: few_rows_over_panels<3>(xs, cs, ss, ms, depth, panels, out_features, ys); break;
+    case 2: few_rows_over_panels<2>(xs, cs, ss, ms, depth, panels, out_features, ys); break;
+    default: few_rows_over_panels<1>(xs, cs, ss, ms, depth, panels, out_features, ys); break;
+  }
   return y;
 }
 
