@@ -171,9 +171,10 @@ def random_q8(rows: int, features: int, seed: int) -> Q8Rows:
 
 @pytest.mark.parametrize(
     ("rows", "in_features", "out_features"),
-    # 1-4 and 7 rows: tiles of 1, 2 and 3 input rows; 7 and 1001 outputs: a last group of 4 weight rows that
-    # repeats its last row; 544 features: an odd number of blocks
-    [(1, 576, 1001), (2, 32, 7), (3, 576, 64), (4, 544, 1000), (7, 64, 4097)],
+    # 1-4 and 7 rows: tiles of 1, 2 and 3 input rows (one row: the weights rebuilt in registers, 8 rows at a
+    # time); 7 and 1001 outputs: a last group of weight rows that repeats its last row; 544 features: an odd
+    # number of blocks
+    [(1, 576, 1001), (1, 32, 7), (1, 544, 64), (2, 32, 7), (3, 576, 64), (4, 544, 1000), (7, 64, 4097)],
 )
 def test_q8_lm_head_gives_the_float32_logits_to_the_bit(kernels, rows: int, in_features: int, out_features: int):
     q8 = random_q8(out_features, in_features, seed=rows)

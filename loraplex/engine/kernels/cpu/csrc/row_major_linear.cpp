@@ -12,7 +12,9 @@
 // row_major_linear_q8 takes the weight in a GGUF file's 8-bit blocks (Q8_0: w = scale * code, 32 codes a
 // scale; kernels/cpu/gguf_weights.py): each group of 4 weight rows is rebuilt in float32 in a small buffer, exactly
 // the values gguf's dequantization gives, and the same group code runs over it, so its logits equal
-// row_major_linear's on the dequantized weight to the bit.
+// row_major_linear's on the dequantized weight to the bit. One input row (a decode step of one sequence)
+// rebuilds the weights in registers instead, 8 rows at a time, with the same values and the same multiply-adds in
+// the same order.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -22,6 +24,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <vector>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "parallel.h"
 #include "vec8.h"
@@ -33,6 +38,7 @@ constexpr int64_t kWeightRows = 4;  // weight rows per tile (and per parallel jo
 constexpr int64_t kInputRows = 3;   // input rows per tile
 
 using loraplex::f8;
+using loraplex::fma8;
 using loraplex::lanes_sum;
 using loraplex::load8;
 using loraplex::load8_partial;
@@ -61,13 +67,13 @@ inline void tile(const float* x, const float* const* w_rows, float* y, int64_t d
     for (int j = 0; j < X; ++j) {
       const f8 xv = load8(x + j * depth + k);
 #pragma GCC unroll 4
-      for (int i = 0; i < W; ++i) acc[i][j] += wv[i] * xv;
+      for (int i = 0; i < W; ++i) acc[i][j] = fma8(wv[i], xv, acc[i][j]);
     }
   }
   if (vec_depth < depth) {
     for (int i = 0; i < W; ++i) {
       const f8 wt = load8_partial(w_rows[i] + vec_depth, depth - vec_depth);
-      for (int j = 0; j < X; ++j) acc[i][j] += wt * load8_partial(x + j * depth + vec_depth, depth - vec_depth);
+      for (int j = 0; j < X; ++j) acc[i][j] = fma8(wt, load8_partial(x + j * depth + vec_depth, depth - vec_depth), acc[i][j]);
     }
   }
   for (int i = 0; i < w_valid; ++i) {
@@ -168,6 +174,45 @@ const float* dequantize_group(const int8_t* codes, const float* scales, int64_t 
   return nullptr;
 }
 
+// One input row against W weight rows of a Q8_0 weight, rebuilt in registers as k advances instead of into
+// scratch: at one row, writing the rebuilt rows and reading them back cost about as much as the arithmetic. The
+// values are dequantize_group's (scale * code is exact) and each logit takes tile's fused multiply-adds in the
+// same order, then the same lane sum: the same bits as the scratch path. Eight weight rows give eight
+// independent chains of multiply-adds, enough to hide their latency.
+inline f8 rebuild_q8(const int8_t* codes, float scale) {
+#if defined(__AVX2__)
+  const f8 code = (f8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes))));
+#else
+  f8 code;
+  for (int l = 0; l < 8; ++l) code[l] = static_cast<float>(codes[l]);
+#endif
+  return code * scale;
+}
+
+template <int W>
+void q8_one_row(const float* x, const int8_t* codes, const float* scales, int64_t n0, int64_t out_features,
+                int64_t depth, float* y) {
+  const int8_t* rows[W];
+  const float* row_scales[W];
+  for (int i = 0; i < W; ++i) {
+    const int64_t n = std::min<int64_t>(n0 + i, out_features - 1);  // past the end: repeat the last row, unwritten
+    rows[i] = codes + n * depth;
+    row_scales[i] = scales + n * (depth / kBlock);
+  }
+  f8 acc[W];
+#pragma GCC unroll 8
+  for (int i = 0; i < W; ++i) acc[i] = f8{};
+  // the next group's codes (W whole rows, contiguous): one 64-byte line per step, all of them by the last step
+  const int8_t* next = n0 + 2 * W <= out_features ? codes + (n0 + W) * depth : nullptr;
+  for (int64_t k = 0; k < depth; k += 8) {  // depth is a multiple of 32: no tail
+    if (next != nullptr) __builtin_prefetch(next + k * W, 0, 1);
+    const f8 xv = load8(x + k);
+#pragma GCC unroll 8
+    for (int i = 0; i < W; ++i) acc[i] = fma8(rebuild_q8(rows[i] + k, row_scales[i][k / kBlock]), xv, acc[i]);
+  }
+  for (int i = 0; i < W && n0 + i < out_features; ++i) y[n0 + i] = lanes_sum(acc[i]);
+}
+
 at::Tensor row_major_linear_q8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
   TORCH_CHECK(codes.scalar_type() == at::kChar && codes.is_contiguous() && codes.device().is_cpu() &&
                   codes.dim() == 2 && codes.size(1) % kBlock == 0,
@@ -178,6 +223,16 @@ at::Tensor row_major_linear_q8(const at::Tensor& x, const at::Tensor& codes, con
               "row_major_linear_q8: scales must be float32 [out_features, in_features / 32]");
   const int8_t* cs = codes.data_ptr<int8_t>();
   const float* ss = scales.data_ptr<float>();
+  if (x.size(0) == 1 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(1) == depth) {
+    constexpr int64_t kOneRowGroup = 8;
+    at::Tensor y = at::empty({1, out_features}, x.options());
+    const float* xs = x.data_ptr<float>();
+    float* ys = y.data_ptr<float>();
+    loraplex::parallel_for(0, (out_features + kOneRowGroup - 1) / kOneRowGroup, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) q8_one_row<kOneRowGroup>(xs, cs, ss, g * kOneRowGroup, out_features, depth, ys);
+    });
+    return y;
+  }
   return over_weight_groups("row_major_linear_q8", x, depth, out_features,
                             [&](int64_t n0, const float** w_rows, std::vector<float>& scratch) {
                               return dequantize_group(cs, ss, n0, out_features, depth, w_rows, scratch);
