@@ -9,10 +9,16 @@ One process, one run, one engine (the default model and config), the workload of
                     (``SCHEMA``: strings with maxLength, an enum, a bounded integer, an array with maxItems);
                     a constrained request ends when its JSON closes, or at its ``max_tokens``
 
-The two alternate for ``--rounds`` rounds (the order swaps every round). Constrained requests end earlier, so
-the later steps of the constrained run hold fewer rows; besides tokens per second the run reports the wall
-time of each ``engine.step()`` and compares the constrained run's decode steps with the unconstrained run's
-steps of the same batch size (the "decode step ratio": 1.0 means the masks cost nothing).
+    same lengths    the unconstrained workload with each request's ``max_tokens`` set to the number of tokens
+                    it produced in the first constrained run: the same requests producing the same numbers of
+                    tokens, unconstrained. Its throughput is the target's baseline ("the same workload")
+
+The three alternate for ``--rounds`` rounds (the order rotates every round). Constrained requests end earlier,
+so the later steps of the constrained run hold fewer rows than the unconstrained run's: tokens per second
+against the full-length run mixes the masks' cost with a smaller batch at the end (reported too, as
+``ratios_full_length``). Besides tokens per second the run reports the wall time of each ``engine.step()``
+and compares the constrained run's decode steps with the full-length run's steps of the same batch size (the
+"decode step ratio": 1.0 means the masks cost nothing).
 
 The masks are timed by wrapping, on the engine instance, ``runner.prepare_inputs`` (rows per step),
 ``runner.execute`` (when the forward ended), ``grammars._fill`` (the mask fill on the worker thread, and the
@@ -318,7 +324,7 @@ def markdown(data: dict) -> str:
         "| run (median round) | tok/s | output tokens | steps | mean step ms | median decode step ms | rows / step |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name in ("unconstrained", "constrained"):
+    for name in runs:
         r = runs[name]
         lines.append(
             f"| {name} | {r['tokens_per_s']} | {r['tokens']} | {r['steps']} | {r['mean_step_ms']} "
@@ -328,8 +334,10 @@ def markdown(data: dict) -> str:
     masks, check = data["masks"], data["constrained_outputs"]
     lines += [
         "",
-        f"- throughput, constrained / unconstrained: {ratio['median']} (rounds: {ratio['per_round']}; "
-        f"target >= {TARGET_RATIO}: {'met' if ratio['median'] >= TARGET_RATIO else 'missed'})",
+        f"- throughput, constrained / unconstrained with the same output lengths: {ratio['median']} (rounds: "
+        f"{ratio['per_round']}; target >= {TARGET_RATIO}: {'met' if ratio['median'] >= TARGET_RATIO else 'missed'})",
+        f"- throughput, constrained / unconstrained at full length: {data['ratios_full_length']['median']} "
+        f"(rounds: {data['ratios_full_length']['per_round']})",
         f"- decode step at equal batch size, constrained / unconstrained: {step_ratio['median']} "
         f"(rounds: {step_ratio['per_round']})",
         f"- schema compile: new {compiles['new_schema_ms']['median']} ms, cached "
@@ -363,17 +371,26 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     warm = [dataclasses.replace(r, request_id=f"warm-{i}", max_tokens=4) for i, r in enumerate(workload[:4])]
     run_workload(engine, probe, warm, {r.request_id: guide for r in warm[1::2]}, "warm-up")
 
+    log("constrained, for its output lengths")
+    lengths = run_workload(engine, probe, workload, guides, "constrained").outputs
+    same_lengths = [dataclasses.replace(r, max_tokens=len(lengths[r.request_id])) for r in workload]
+    plans = {
+        "unconstrained": (workload, {}),
+        "constrained": (workload, guides),
+        "same lengths": (same_lengths, {}),
+    }
     rounds: list[dict[str, RunResult]] = []
     for i in range(args.rounds):
-        order = ["unconstrained", "constrained"] if i % 2 == 0 else ["constrained", "unconstrained"]
+        order = list(plans)[i % 3 :] + list(plans)[: i % 3]
         runs = {}
         for name in order:
             log(f"{name} (round {i + 1} of {args.rounds})")
-            runs[name] = run_workload(engine, probe, workload, guides if name == "constrained" else {}, name)
+            runs[name] = run_workload(engine, probe, *plans[name], name)
         rounds.append(runs)
     compiles = {**first_use, **compile_times(engine, args.compile_trials)}
 
-    throughput = [r["constrained"].tokens_per_s / r["unconstrained"].tokens_per_s for r in rounds]
+    throughput = [r["constrained"].tokens_per_s / r["same lengths"].tokens_per_s for r in rounds]
+    full_length = [r["constrained"].tokens_per_s / r["unconstrained"].tokens_per_s for r in rounds]
     step_ratios = [decode_step_ratio(r["constrained"], r["unconstrained"]) for r in rounds]
     step_ratios = [round(x, 3) for x in step_ratios if x is not None]
     first = rounds[0]
@@ -385,7 +402,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     check["unconstrained_half_same_tokens_as_unconstrained_run"] = f"{same_free}/{len(free)}"
     check["examples"] = [first["constrained"].texts[rid] for rid in guided[:3]]
     runs_json = {}
-    for name in ("unconstrained", "constrained"):
+    for name in plans:
         per_round = [r[name] for r in rounds]
         median_run = sorted(per_round, key=lambda r: r.tokens_per_s)[len(per_round) // 2]
         runs_json[name] = {
@@ -409,7 +426,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "ratios": {
             "median": round(statistics.median(throughput), 3),
             "per_round": [round(x, 3) for x in throughput],
-            "what": "constrained tokens/s over unconstrained tokens/s, same round",
+            "what": "constrained tokens/s over the same-lengths run's tokens/s (the same requests producing the "
+            "same numbers of tokens, unconstrained), same round",
+        },
+        "ratios_full_length": {
+            "median": round(statistics.median(full_length), 3),
+            "per_round": [round(x, 3) for x in full_length],
+            "what": "constrained tokens/s over the full-length unconstrained run's, same round: its requests "
+            "produce more tokens, with more rows in its last steps",
         },
         "decode_step_ratio": {
             "median": round(statistics.median(step_ratios), 3) if step_ratios else None,
@@ -422,7 +446,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "constrained_outputs": check,
         "targets": [
             {
-                "target": f"constrained throughput >= {TARGET_RATIO}x unconstrained (median of rounds)",
+                "target": f"constrained throughput >= {TARGET_RATIO}x the same workload unconstrained (median "
+                "of rounds)",
                 "measured": round(statistics.median(throughput), 3),
                 "met": statistics.median(throughput) >= TARGET_RATIO,
             }
