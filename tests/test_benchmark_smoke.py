@@ -59,3 +59,22 @@ def test_quick_run_writes_json_table_and_plot(tmp_path: Path) -> None:
     assert all(p["same_tokens_as_loraplex"] == "3/3" and p["peak_rss_growth_mb"] > 0 for p in sweep)
     assert all(p["speedup_vs_a"] > 0 and "both_targets_met" not in p for p in sweep)  # (c) skipped
     assert "## KV pool size" in (tmp_path / "engine_throughput.md").read_text()
+
+
+@pytest.mark.slow
+def test_peer_compare_without_peers_runs_every_scenario_on_loraplex(tmp_path: Path) -> None:
+    peer_compare = load_benchmark("peer_compare")
+    report = peer_compare.main(["--peers", "none", "--quick", "--threads=1", f"--out={tmp_path}"])
+    data = json.loads((tmp_path / "peer_compare.json").read_text())
+    assert data == json.loads(json.dumps(report))
+    assert set(data["systems"]) == {"loraplex"} and data["systems"]["loraplex"]["status"] == "ran"
+    quick = peer_compare.QUICK
+    loraplex = data["systems"]["loraplex"]
+    for scenario, count in (("base", quick.num_requests), ("mixed", quick.num_requests), ("single", 1)):
+        s = loraplex[scenario]
+        assert s["completed"] == s["requests"] == count and s["errors"] == {}, scenario
+        assert s["output_tokens"] == count * quick.output_len and s["ended_early"] == 0, scenario  # ignore_eos
+        assert s["ttft_s"]["p50"] > 0 and s["itl_s"]["p50"] > 0, scenario
+    assert len(loraplex["single"]["long_prompt_ttft_s"]) == quick.ttft_trials
+    assert "| loraplex |" in (tmp_path / "peer_compare.md").read_text()
+    assert (tmp_path / "peer_compare.png").stat().st_size > 0
