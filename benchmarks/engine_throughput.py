@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -694,19 +693,16 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "kv_pool_sweep": judge_kv_pool_sweep(kv_points, results, memory),
         "targets": evaluate_targets(results, memory),
         "table": markdown_table(results),
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        **report.run_end(started),
     }
     title = (
         f"{model_name} {config.model.dtype}, {len(workload)} requests ({', '.join(adapters)}), "
         f"{ref.tokens} output tokens — {machine['cpu_model']}, {threads} threads"
     )
-    markdown = (
-        f"# Engine throughput\n\n{title}\n\n{data['table']}\n\n"
-        + "\n".join(report.target_lines(data["targets"]))
-        + (f"\n\n## KV pool size\n\n{kv_sweep_table(data['kv_pool_sweep'])}" if data["kv_pool_sweep"] else "")
-        + f"\n\nFull run took {data['wall_seconds']} s. Details: engine_throughput.json.\n"
-    )
+    sections = [data["table"], "\n".join(report.target_lines(data["targets"]))]
+    if data["kv_pool_sweep"]:
+        sections.append(f"## KV pool size\n\n{kv_sweep_table(data['kv_pool_sweep'])}")
+    markdown = report.page("Engine throughput", title, sections, "engine_throughput", data["wall_seconds"])
     report.write(args.out, "engine_throughput", data, markdown, lambda path: plot(results, sweep, path, title))
     return data
 

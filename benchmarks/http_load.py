@@ -383,8 +383,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "systems": systems,
         "target": evaluate_target(systems),
         "table": markdown_table(systems),
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        **report.run_end(started),
     }
     m, w = data["machine"], data["workload"]
     title = (
@@ -392,12 +391,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         f"{m['cpu_model']}, {m['logical_cores']} cores"
     )
     threads = data["settings"]["threads"]
-    markdown = (
-        f"# HTTP load\n\n{title}\n\nThreads: loraplex {threads['loraplex']} (one process), old design "
-        f"{threads['old-design per process']} per process (4 processes). Latency percentiles are over completed "
-        f"requests; p99 is by nearest rank.\n\n{data['table']}\n\n{target_line(data['target'])}\n\n"
-        f"Full run took {data['wall_seconds']} s. Details: http_load.json.\n"
+    note = (
+        f"Threads: loraplex {threads['loraplex']} (one process), old design {threads['old-design per process']} "
+        "per process (4 processes). Latency percentiles are over completed requests; p99 is by nearest rank."
     )
+    sections = [note, data["table"], target_line(data["target"])]
+    markdown = report.page("HTTP load", title, sections, "http_load", data["wall_seconds"])
     report.write(args.out, "http_load", data, markdown, lambda path: plot(systems, path, title))
     return data
 

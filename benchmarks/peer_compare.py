@@ -365,18 +365,18 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "quick": args.quick,
         "systems": systems,
         "table": markdown_table(systems, args.sizes),
-        "load_average_at_end": load_average(),
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        **report.run_end(started),
     }
     title = (
         f"{model.name}, {args.sizes.num_requests} requests x {args.sizes.output_len} tokens — "
         f"{machine['cpu_model']}, {machine['logical_cores']} cores, load {machine['load_average_at_start'][0]}"
     )
-    markdown = (
-        f"# loraplex against its peers\n\n{title}\n\n{data['table']}\n\n"
+    load = (
         f"Load average at the start {machine['load_average_at_start']}, at the end {data['load_average_at_end']} "
-        f"(niceness {machine['niceness']}). Full run took {data['wall_seconds']} s. Details: peer_compare.json.\n"
+        f"(niceness {machine['niceness']}); each system's in the JSON."
     )
+    sections = [data["table"], load]
+    markdown = report.page("loraplex against its peers", title, sections, "peer_compare", data["wall_seconds"])
     report.write(args.out, "peer_compare", data, markdown, lambda path: plot(systems, path, title))
     return data
 

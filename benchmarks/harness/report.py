@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from benchmarks.harness.machine import load_average
 
 
 def write(out: Path, name: str, report: dict, markdown: str, plot: Callable[[Path], None] | None = None) -> None:
@@ -18,6 +21,18 @@ def write(out: Path, name: str, report: dict, markdown: str, plot: Callable[[Pat
         plot(out / f"{name}.png")
         written.append("png")
     print(f"\n{markdown}\nwrote {out}/{name}.{{{','.join(written)}}}", flush=True)
+
+
+def run_end(started: float) -> dict:
+    """What every report ends with: the load average at the end (how quiet the run stayed) and its wall time
+    since ``started`` (``time.perf_counter``)."""
+    return {"load_average_at_end": load_average(), "wall_seconds": round(time.perf_counter() - started, 1)}
+
+
+def page(heading: str, title: str, sections: list[str], name: str, wall_seconds: float) -> str:
+    """A results page: the heading, what ran where, the sections, the run's time and where the details are."""
+    parts = [f"# {heading}", title, *sections, f"Full run took {wall_seconds} s. Details: {name}.json."]
+    return "\n\n".join(parts) + "\n"
 
 
 def target_lines(targets: list[dict]) -> list[str]:
