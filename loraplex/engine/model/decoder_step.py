@@ -9,8 +9,8 @@ calls the same modules and functions transformers' forward calls, in the same or
 the same bits and the oracle holds unchanged.
 
 Used only where it is exact by construction: every layer a transformers ``LlamaDecoderLayer`` (Llama, SmolLM,
-Llama 3.x) whose projections are the CPU kernels' panels (``kernels.attach_decode`` builds it); any other model
-keeps transformers' forward.
+Llama 3.x) whose projections are the CPU kernels' panels (the engine builds it once the kernels are attached);
+any other model keeps transformers' forward.
 """
 
 from __future__ import annotations

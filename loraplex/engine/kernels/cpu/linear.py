@@ -143,7 +143,7 @@ class FusedPanels(nn.Module):
                 setattr(p, name, nn.Parameter(joined[start : start + rows], requires_grad=False))
                 start += rows
         self.bias = None
-        self._op = type(first).forward
+        self._op = type(first).forward  # the projections' own forward, run over the joined tensors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._op(self, x)
